@@ -1,0 +1,153 @@
+"""Parameter paths: select the parameters a prior covers and flatten them to one vector.
+
+A path is the '/'-joined key path of a leaf in a parameter tree, e.g.
+``backbone/stage1/0/conv1/kernel``. The same strings come out of an ``nnx.State``
+(its ``.value`` wrapper is dropped) and of the equivalent nested dict, so a rule
+written once works for Flax NNX models, Linen-style dicts and imported weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bayes_transfer.errors import SpecMismatchError
+
+BACKBONE_RULE = r"^backbone/"
+
+
+def path_str(keypath: Iterable[Any]) -> str:
+    """'/'-joined string of a JAX key path, without NNX's trailing ``value``."""
+    parts = []
+    for k in keypath:
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            if k.name == "value":
+                continue
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def flatten_with_paths(tree) -> dict[str, Any]:
+    """Leaves of ``tree`` keyed by path string, in tree order."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {path_str(p): leaf for p, leaf in leaves}
+
+
+def _dtype_name(x) -> str:
+    return str(np.dtype(x.dtype)) if hasattr(x, "dtype") else type(x).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """Which parameters a prior covers: paths (in flattening order), shapes and dtypes.
+
+    Example::
+
+        spec = ParamSpec.from_params(params)          # default rule: the backbone
+        theta = spec.ravel(params)                     # (d,) vector
+        params = spec.replace(params, theta + 1.0)     # write a vector back
+    """
+
+    paths: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+    rule: str = BACKBONE_RULE
+
+    @classmethod
+    def from_params(cls, params, rule: str = BACKBONE_RULE) -> "ParamSpec":
+        pattern = re.compile(rule)
+        leaves = {p: x for p, x in flatten_with_paths(params).items() if pattern.search(p)}
+        if not leaves:
+            known = ", ".join(list(flatten_with_paths(params))[:5])
+            raise SpecMismatchError(
+                f"the rule {rule!r} selects no parameter; paths look like: {known} ...")
+        return cls(
+            paths=tuple(leaves),
+            shapes=tuple(tuple(int(s) for s in x.shape) for x in leaves.values()),
+            dtypes=tuple(_dtype_name(x) for x in leaves.values()),
+            rule=rule,
+        )
+
+    @property
+    def size(self) -> int:
+        """d, the number of covered scalars."""
+        return int(sum(int(np.prod(s)) for s in self.shapes))
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(int(o) for o in np.cumsum([0] + [int(np.prod(s)) for s in self.shapes]))
+
+    def check(self, params) -> None:
+        """Raise SpecMismatchError naming the first covered path that differs."""
+        found = flatten_with_paths(params)
+        for path, shape, dtype in zip(self.paths, self.shapes, self.dtypes):
+            if path not in found:
+                raise SpecMismatchError(
+                    f"parameter {path!r} (shape {shape}, {dtype}) is covered by the prior "
+                    f"but missing from the model; is it the architecture the prior was "
+                    f"learned for?")
+            x = found[path]
+            if tuple(x.shape) != shape or _dtype_name(x) != dtype:
+                raise SpecMismatchError(
+                    f"parameter {path!r}: the prior expects shape {shape} {dtype}, the model "
+                    f"has shape {tuple(x.shape)} {_dtype_name(x)}")
+        pattern = re.compile(self.rule)
+        extra = [p for p in found if pattern.search(p) and p not in set(self.paths)]
+        if extra:
+            raise SpecMismatchError(
+                f"parameter {extra[0]!r} matches the prior's rule {self.rule!r} but the prior "
+                f"does not cover it; the model has more layers than the prior's")
+
+    def ravel(self, params, dtype=jnp.float32) -> jax.Array:
+        """Concatenate the covered leaves into one (d,) vector, in spec order."""
+        found = flatten_with_paths(params)
+        try:
+            return jnp.concatenate([jnp.ravel(found[p]).astype(dtype) for p in self.paths])
+        except KeyError as e:
+            raise SpecMismatchError(f"parameter {e.args[0]!r} covered by the prior is missing "
+                                    f"from the parameters given") from None
+
+    def unravel(self, vec) -> dict[str, jax.Array]:
+        """Split a (d,) vector into {path: array} with the spec's shapes and dtypes."""
+        o = self.offsets
+        return {p: jnp.reshape(vec[o[i]:o[i + 1]], s).astype(dt)
+                for i, (p, s, dt) in enumerate(zip(self.paths, self.shapes, self.dtypes))}
+
+    def replace(self, params, vec):
+        """A copy of ``params`` with the covered leaves taken from ``vec``."""
+        new = self.unravel(vec)
+        return map_with_paths(lambda p, x: new.get(p, x), params)
+
+    def to_json(self) -> dict:
+        return {"rule": self.rule, "paths": list(self.paths),
+                "shapes": [list(s) for s in self.shapes], "dtypes": list(self.dtypes)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ParamSpec":
+        try:
+            return cls(paths=tuple(str(p) for p in d["paths"]),
+                       shapes=tuple(tuple(int(v) for v in s) for s in d["shapes"]),
+                       dtypes=tuple(str(t) for t in d["dtypes"]), rule=str(d["rule"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SpecMismatchError(f"malformed parameter spec: {e!r}") from None
+
+    def __repr__(self) -> str:
+        return f"ParamSpec(rule={self.rule!r}, {len(self.paths)} arrays, d={self.size})"
+
+
+def map_with_paths(fn, tree):
+    """``jax.tree.map`` whose function also receives each leaf's path string."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
+

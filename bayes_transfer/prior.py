@@ -1,0 +1,350 @@
+"""The Prior: a Gaussian over the covered parameters, learned from a SWAG posterior.
+
+A prior fitted on a source task is
+
+    p(θ) = N(θ̄, λ·Σ₀ + ε·I),   Σ₀ = ½·diag(var) + ½·D̂ᵀD̂ / (K − 1)      (kind "lowrank")
+
+with θ̄ the SWAG mean, ``var`` the SWAG diagonal variance, D̂ ∈ R^{K×d} the last K
+deviations, λ the scale (it multiplies the *whole* covariance) and ε a floor. The
+baselines are the same type with a simpler Σ₀:
+
+=============  ===============================  =========================================
+kind           Σ₀                               used for
+=============  ===============================  =========================================
+``lowrank``    ½·diag(var) + ½·D̂ᵀD̂/(K−1)       learned low-rank SWAG prior
+``diag``       diag(var)                        diagonal SWAG prior (SWAG-Diag)
+``isotropic``  var·I (``var`` a scalar)         L2 (mean 0), L2-SP (mean θ̄), iso-SWAG
+``flat``       none: log p(θ) = 0               standard fine-tuning, the λ → ∞ limit
+=============  ===============================  =========================================
+
+The log-density never forms a d×d matrix: with Σ = diag(δ) + WᵀW, δ = λ·diag(Σ₀) + ε
+and W = √(λ/(2(K−1)))·D̂, the Woodbury identity and the matrix determinant lemma give
+
+    rᵀΣ⁻¹r = rᵀδ⁻¹r − ‖L⁻¹ W δ⁻¹ r‖²,   log|Σ| = Σᵢ log δᵢ + 2·Σₖ log Lₖₖ
+
+where L is the Cholesky factor of the K×K capacitance ``I + W δ⁻¹ Wᵀ``, cached in the
+prior (recomputed only by :meth:`Prior.rescale`). One call reads D̂ once; its gradient
+(by autodiff) reads it once more: O(K·d) memory traffic, no d×d or K×d temporaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bayes_transfer.errors import PriorError
+from bayes_transfer.params import ParamSpec
+
+KINDS = ("lowrank", "diag", "isotropic", "flat")
+
+#: Fine-tuning methods and the prior kind each one uses (see :meth:`Prior.for_method`).
+METHODS = ("standard", "l2", "l2sp", "isotropic", "diag", "lowrank")
+
+
+def _as_scalar(x):
+    # float64 when x64 is enabled (tests against references), float32 otherwise.
+    return jnp.asarray(x, dtype=jnp.result_type(float))
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["mean", "var", "deviations", "scale", "floor", "chol"],
+    meta_fields=["spec", "kind"],
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prior:
+    """Gaussian prior over the parameters selected by ``spec`` (see module docstring).
+
+    Build one with :meth:`lowrank`, :meth:`diagonal`, :meth:`isotropic`, :meth:`flat`,
+    from a SWAG state (``bayes_transfer.swag``) or from an artifact
+    (``bayes_transfer.load_prior``). It is a pytree, so it can be passed into jitted
+    functions; changing λ with :meth:`rescale` does not trigger recompilation.
+
+    Example::
+
+        prior = Prior.lowrank(spec, mean, var, deviations, scale=1e3)
+        lp = prior.log_prob(params)             # params: a tree, or a (d,) vector
+        g = jax.grad(prior.log_prob)(params)    # same tree structure as params
+    """
+
+    mean: jax.Array               # (d,), or () for a zero-mean prior
+    var: jax.Array                # (d,) SWAG variance, or () for isotropic
+    deviations: jax.Array | None  # (K, d) SWAG deviations D̂ (kind "lowrank" only)
+    scale: jax.Array              # λ
+    floor: jax.Array              # ε
+    chol: jax.Array | None        # cached Cholesky factor of the K×K capacitance
+    spec: ParamSpec
+    kind: str
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def lowrank(cls, spec: ParamSpec, mean, var, deviations, *, scale=1.0, floor=0.0) -> "Prior":
+        """The learned SWAG prior N(mean, λ·(½diag(var) + ½D̂ᵀD̂/(K−1)) + εI)."""
+        deviations = jnp.asarray(deviations)
+        if deviations.ndim != 2 or deviations.shape[0] < 1:
+            raise PriorError(f"deviations must be a (K, d) matrix with K >= 1, got shape "
+                             f"{deviations.shape}")
+        return cls._build(spec, mean, var, deviations, scale, floor, "lowrank")
+
+    @classmethod
+    def diagonal(cls, spec: ParamSpec, mean, var, *, scale=1.0, floor=0.0) -> "Prior":
+        """N(mean, λ·diag(var) + εI): the SWAG-diagonal prior."""
+        return cls._build(spec, mean, var, None, scale, floor, "diag")
+
+    @classmethod
+    def isotropic(cls, spec: ParamSpec, mean=None, var=1.0, *, scale=1.0, floor=0.0) -> "Prior":
+        """N(mean, λ·var·I + εI); ``mean=None`` is the zero-mean (L2) prior.
+
+        With ``var = 1`` the scale λ is the prior variance: L2 weight decay α on a
+        training set of N examples corresponds to λ = 1/(α·N).
+        """
+        mean = jnp.zeros((), jnp.float32) if mean is None else mean
+        return cls._build(spec, mean, jnp.asarray(var, jnp.float32).reshape(()), None,
+                          scale, floor, "isotropic")
+
+    @classmethod
+    def flat(cls, spec: ParamSpec, mean=None) -> "Prior":
+        """The improper flat prior (log p = 0): standard fine-tuning, started at ``mean``."""
+        mean = jnp.zeros((), jnp.float32) if mean is None else mean
+        return cls._build(spec, mean, jnp.ones((), jnp.float32), None, math.inf, 0.0, "flat")
+
+    @classmethod
+    def _build(cls, spec, mean, var, deviations, scale, floor, kind) -> "Prior":
+        prior = cls(mean=jnp.asarray(mean), var=jnp.asarray(var), deviations=deviations,
+                    scale=_as_scalar(scale), floor=_as_scalar(floor), chol=None,
+                    spec=spec, kind=kind)
+        prior.validate()
+        return prior.rescale(scale, floor)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> "Prior":
+        """Raise PriorError if shapes are inconsistent or values unusable (eager only)."""
+        d = self.spec.size
+        if self.kind not in KINDS:
+            raise PriorError(f"unknown prior kind {self.kind!r}; expected one of {KINDS}")
+        for name in ("mean", "var"):
+            x = getattr(self, name)
+            if x.shape not in ((), (d,)):
+                raise PriorError(f"prior {name} has shape {x.shape}; expected ({d},) to match "
+                                 f"the {len(self.spec.paths)} covered arrays, or a scalar")
+        if self.deviations is not None and self.deviations.shape[1:] != (d,):
+            raise PriorError(f"prior deviations have shape {self.deviations.shape}; "
+                             f"expected (K, {d})")
+        if isinstance(self.mean, jax.core.Tracer):
+            return self
+        checks = [("mean", self.mean), ("var", self.var)]
+        if self.deviations is not None:
+            checks.append(("deviations", self.deviations))
+        for name, x in checks:
+            if not bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))):
+                raise PriorError(f"prior {name} contains NaN or Inf; the artifact is corrupt "
+                                 f"or the SWAG run diverged")
+        if self.kind != "flat" and not bool(jnp.all(self.var > 0)):
+            raise PriorError("prior variances must be positive; refit SWAG with a var_floor > 0")
+        scale, floor = float(self.scale), float(self.floor)
+        if not (scale > 0) or (math.isinf(scale) and self.kind != "flat"):
+            raise PriorError(f"prior scale λ must be a positive finite number, got {scale}; "
+                             f"use Prior.flat (or rescale(inf)) for no prior")
+        if not (floor >= 0) or math.isinf(floor):
+            raise PriorError(f"prior floor ε must be finite and >= 0, got {floor}")
+        return self
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def dim(self) -> int:
+        """d, the number of covered parameters."""
+        return self.spec.size
+
+    @property
+    def rank(self) -> int:
+        """K, the number of deviation rows (0 unless kind is "lowrank")."""
+        return 0 if self.deviations is None else int(self.deviations.shape[0])
+
+    def _compute_dtype(self):
+        return jnp.promote_types(self.var.dtype, jnp.float32)
+
+    def _diag(self, dtype=None):
+        """δ = λ·diag(Σ₀) + ε, shape (d,) or ()."""
+        dtype = dtype or self._compute_dtype()
+        base = self.var.astype(dtype)
+        if self.kind == "lowrank":
+            base = 0.5 * base
+        return self.scale.astype(dtype) * base + self.floor.astype(dtype)
+
+    def _factor_coef(self, dtype=None):
+        """c with W = √c·D̂: c = λ / (2(K − 1)); K − 1 is taken as 1 when K = 1."""
+        dtype = dtype or self._compute_dtype()
+        return self.scale.astype(dtype) / (2.0 * max(self.rank - 1, 1))
+
+    def rescale(self, scale, floor=None) -> "Prior":
+        """The same prior with λ = ``scale`` (and ε = ``floor``); stored arrays are shared.
+
+        ``scale=inf`` gives the flat prior (the no-prior limit of every kind).
+        """
+        if not isinstance(scale, jax.core.Tracer) and math.isinf(float(scale)):
+            return dataclasses.replace(self, scale=_as_scalar(math.inf), chol=None,
+                                       deviations=None, kind="flat")
+        new = dataclasses.replace(self, scale=_as_scalar(scale),
+                                  floor=self.floor if floor is None else _as_scalar(floor))
+        if new.kind == "flat":
+            raise PriorError("a flat prior has no scale; build the prior you want to rescale "
+                             "from its SWAG arrays")
+        if new.deviations is None:
+            return dataclasses.replace(new, chol=None)
+        dtype = new._compute_dtype()
+        inv_diag = 1.0 / jnp.broadcast_to(new._diag(dtype), (self.dim,))
+        dev = new.deviations
+        # One row at a time keeps the temporary at (d,) instead of (K, d).
+        gram = jax.lax.map(lambda row: dev.astype(dtype) @ (row.astype(dtype) * inv_diag), dev)
+        cap = jnp.eye(self.rank, dtype=dtype) + new._factor_coef(dtype) * gram
+        return dataclasses.replace(new, chol=jnp.linalg.cholesky(cap))
+
+    def for_method(self, method: str) -> "Prior":
+        """The prior a fine-tuning method uses, derived from this (SWAG) prior.
+
+        ``standard``: flat, start at θ̄. ``l2``: N(0, λI). ``l2sp``: N(θ̄, λI).
+        ``isotropic``: N(θ̄, λ·σ̄²I), σ̄² the average of Σ₀'s diagonal. ``diag``:
+        N(θ̄, λ·diag(var)). ``lowrank``: this prior. λ and ε are kept (reset to 1 for
+        l2/l2sp, whose Σ₀ is I).
+        """
+        if method == "standard":
+            return Prior.flat(self.spec, self.mean)
+        if method in ("l2", "l2sp"):
+            return Prior.isotropic(self.spec, None if method == "l2" else self.mean, 1.0,
+                                   floor=self.floor)
+        if method == "isotropic":
+            return Prior.isotropic(self.spec, self.mean, jnp.mean(self.base_variance()),
+                                   scale=self.scale, floor=self.floor)
+        if method == "diag":
+            if self.kind not in ("lowrank", "diag"):
+                raise PriorError(f"a diagonal prior needs SWAG variances; this prior is "
+                                 f"{self.kind!r}")
+            return Prior.diagonal(self.spec, self.mean, self.var, scale=self.scale,
+                                  floor=self.floor)
+        if method == "lowrank":
+            if self.kind != "lowrank":
+                raise PriorError(f"method 'lowrank' needs SWAG deviations; this prior is "
+                                 f"{self.kind!r}")
+            return self
+        raise PriorError(f"unknown method {method!r}; expected one of {METHODS}")
+
+    # ------------------------------------------------------------------ density
+    def _flat_params(self, params) -> jax.Array:
+        if isinstance(params, (jax.Array, np.ndarray)) and params.ndim == 1:
+            if params.shape[0] != self.dim:
+                raise PriorError(f"a flat parameter vector must have length d={self.dim}, "
+                                 f"got {params.shape[0]}")
+            return params
+        return self.spec.ravel(params, dtype=self._compute_dtype())
+
+    def log_prob(self, params) -> jax.Array:
+        """log p(θ) of a parameter tree (covered leaves only) or of a (d,) vector."""
+        theta = self._flat_params(params)
+        dtype = jnp.promote_types(theta.dtype, self._compute_dtype())
+        if self.kind == "flat":
+            return jnp.zeros((), dtype) * jnp.sum(theta[:0])   # keeps a (zero) gradient path
+        theta = theta.astype(dtype)
+        r = theta - self.mean.astype(dtype)
+        diag = self._diag(dtype)
+        a = r / diag
+        quad = jnp.vdot(r, a)
+        logdet = (jnp.sum(jnp.log(diag)) if diag.ndim else self.dim * jnp.log(diag))
+        if self.deviations is not None:
+            b = jnp.sqrt(self._factor_coef(dtype)) * (self.deviations.astype(dtype) @ a)
+            y = jax.scipy.linalg.solve_triangular(self.chol.astype(dtype), b, lower=True)
+            quad = quad - jnp.vdot(y, y)
+            logdet = logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(self.chol).astype(dtype)))
+        return -0.5 * (self.dim * math.log(2 * math.pi) + logdet + quad)
+
+    def grad_log_prob(self, params):
+        """∇θ log p(θ), with the structure of ``params``."""
+        return jax.grad(self.log_prob)(params)
+
+    # ------------------------------------------------------------------ moments & samples
+    def base_variance(self) -> jax.Array:
+        """diag(Σ₀), shape (d,) or ()."""
+        dtype = self._compute_dtype()
+        var = self.var.astype(dtype)
+        if self.kind != "lowrank":
+            return var
+        dev = self.deviations.astype(dtype)
+        return 0.5 * var + 0.5 * jnp.sum(dev * dev, axis=0) / max(self.rank - 1, 1)
+
+    def variance(self) -> jax.Array:
+        """diag(Σ) = λ·diag(Σ₀) + ε, shape (d,) or ()."""
+        if self.kind == "flat":
+            return jnp.full((), jnp.inf)
+        return self.scale * self.base_variance() + self.floor
+
+    def covariance(self) -> jax.Array:
+        """The dense d×d covariance: for tests and small models only (d ≤ 20,000)."""
+        if self.kind == "flat":
+            raise PriorError("a flat prior has no covariance")
+        if self.dim > 20_000:
+            raise PriorError(f"refusing to form a {self.dim}×{self.dim} covariance; use "
+                             f"log_prob/sample, which never do")
+        dtype = self._compute_dtype()
+        cov = jnp.diag(jnp.broadcast_to(self._diag(dtype), (self.dim,)))
+        if self.deviations is not None:
+            dev = self.deviations.astype(dtype)
+            cov = cov + self._factor_coef(dtype) * dev.T @ dev
+        return cov
+
+    def sample(self, key, n: int | None = None) -> jax.Array:
+        """Draw θ ~ p: shape (d,), or (n, d) when ``n`` is given. Never forms Σ."""
+        if self.kind == "flat":
+            raise PriorError("cannot sample from a flat (improper) prior")
+        shape = () if n is None else (n,)
+        dtype = self._compute_dtype()
+        k1, k2 = jax.random.split(key)
+        z = jax.random.normal(k1, shape + (self.dim,), dtype)
+        theta = self.mean.astype(dtype) + jnp.sqrt(self._diag(dtype)) * z
+        if self.deviations is not None:
+            u = jax.random.normal(k2, shape + (self.rank,), dtype)
+            theta = theta + jnp.sqrt(self._factor_coef(dtype)) * (u @ self.deviations.astype(dtype))
+        return theta
+
+    def init_params(self, params):
+        """``params`` with the covered leaves set to the prior mean (pretrained weights)."""
+        self.spec.check(params)
+        mean = jnp.broadcast_to(self.mean, (self.dim,))
+        return self.spec.replace(params, mean)
+
+    # ------------------------------------------------------------------ interop
+    def as_numpyro(self):
+        """This prior as a NumPyro distribution over the (d,) vector θ (reference/export)."""
+        import numpyro.distributions as dist
+
+        if self.kind == "flat":
+            return dist.ImproperUniform(dist.constraints.real_vector, (), (self.dim,))
+        dtype = self._compute_dtype()
+        loc = jnp.broadcast_to(self.mean.astype(dtype), (self.dim,))
+        diag = jnp.broadcast_to(self._diag(dtype), (self.dim,))
+        if self.deviations is None:
+            return dist.Normal(loc, jnp.sqrt(diag)).to_event(1)
+        factor = jnp.sqrt(self._factor_coef(dtype)) * self.deviations.astype(dtype).T
+        return dist.LowRankMultivariateNormal(loc, factor, diag)
+
+    def astype(self, dtype) -> "Prior":
+        """The same prior with its large arrays stored in ``dtype`` (e.g. bfloat16)."""
+        cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
+        new = dataclasses.replace(self, mean=cast(self.mean), var=cast(self.var),
+                                  deviations=cast(self.deviations))
+        # The cached factor must describe the rounded arrays, not the originals.
+        return new if new.kind == "flat" else new.rescale(new.scale, new.floor)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored arrays (mean, var, deviations)."""
+        arrays = [self.mean, self.var] + ([] if self.deviations is None else [self.deviations])
+        return int(sum(x.size * x.dtype.itemsize for x in arrays))
+
+    def __repr__(self) -> str:
+        return (f"Prior(kind={self.kind!r}, d={self.dim}, K={self.rank}, "
+                f"scale={float(self.scale):.4g}, floor={float(self.floor):.4g}, "
+                f"dtype={self.var.dtype})")
+
