@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 
 import jax
@@ -53,7 +54,7 @@ def _as_scalar(x):
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["mean", "var", "deviations", "scale", "floor", "chol"],
-    meta_fields=["spec", "kind"],
+    meta_fields=["spec", "kind", "info"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
 class Prior:
@@ -79,6 +80,15 @@ class Prior:
     chol: jax.Array | None        # cached Cholesky factor of the K×K capacitance
     spec: ParamSpec
     kind: str
+    info: str = "{}"              # JSON metadata (architecture, source, ...): hashable, static
+
+    @property
+    def metadata(self) -> dict:
+        """The artifact metadata this prior was loaded with (architecture, source, λ range)."""
+        return json.loads(self.info)
+
+    def with_metadata(self, metadata: dict) -> "Prior":
+        return dataclasses.replace(self, info=json.dumps(metadata, sort_keys=True))
 
     # ------------------------------------------------------------------ builders
     @classmethod
