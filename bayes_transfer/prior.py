@@ -221,6 +221,10 @@ class Prior:
         N(θ̄, λ·diag(var)). ``lowrank``: this prior. λ and ε are kept (reset to 1 for
         l2/l2sp, whose Σ₀ is I).
         """
+        derived = self._derive(method)
+        return dataclasses.replace(derived, info=self.info)
+
+    def _derive(self, method: str) -> "Prior":
         if method == "standard":
             return Prior.flat(self.spec, self.mean)
         if method in ("l2", "l2sp"):
