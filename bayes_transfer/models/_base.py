@@ -14,7 +14,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bayes_transfer.errors import BayesTransferError
 from bayes_transfer.params import flatten_with_paths
+
+
+class ModelConfigError(BayesTransferError, ValueError):
+    """A model was asked for with an impossible or unknown configuration."""
+
+
+class UnknownArchitectureError(ModelConfigError):
+    """``create`` was given an architecture name that is not registered."""
 
 # BatchNorm conventions shared by all models: torch's eps and momentum 0.1, which is
 # flax momentum 0.9 (flax keeps `momentum` of the old running value).

@@ -1,9 +1,10 @@
 """SmallCNN: a fast conv-BN-ReLU network for 28x28 grey images (Fashion-MNIST, MNIST).
 
-Three stages at widths 32/64/128 (times ``width``): conv-conv at full resolution,
-max-pool, conv-conv, max-pool, conv, global average pool. About 150k parameters
-for one input channel and 10 classes; trains at a few hundred images/s on two CPU
-cores and reaches about 91-92% on Fashion-MNIST within a few epochs.
+Three stages at widths 32/64/128 (times ``width``): conv at full resolution,
+max-pool, conv-conv, max-pool, conv, global average pool (every conv is 3x3 with
+BatchNorm and ReLU). 131,178 parameters for one input channel and 10 classes;
+trains at a few hundred images/s on two CPU cores and passes 90% test accuracy on
+Fashion-MNIST within a few epochs.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class SmallCNNBackbone(nnx.Module):
     """Stages of ConvBNReLU blocks; 2x2 max-pool between stages; global average pool."""
 
     def __init__(self, in_channels: int = 1, *, width: float = 1.0,
-                 stage_blocks: tuple[int, ...] = (2, 2, 1), rngs: nnx.Rngs):
+                 stage_blocks: tuple[int, ...] = (1, 2, 1), rngs: nnx.Rngs):
         widths = [max(1, int(round(c * width))) for c in (32, 64, 128)]
         stages = []
         ch = in_channels
