@@ -88,25 +88,29 @@ class TrainResult:
 
 
 def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optax optimizer a config describes."""
-    lr = config.learning_rate
-    if config.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0 if config.warmup_steps else lr, lr,
-                                                config.warmup_steps, max(total_steps, 1))
-    elif config.schedule != "constant":
-        raise BayesTransferError(f"unknown schedule {config.schedule!r}; use 'constant' "
-                                 f"or 'cosine'")
-    if config.optimizer == "sgd":
-        tx = optax.sgd(lr, momentum=config.momentum or None)
-        if config.weight_decay:
-            tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+    """The optax optimizer a config describes (cached: the same settings give the same
+    object, so the jitted step is reused across runs instead of recompiled)."""
+    return _optimizer(config.optimizer, config.learning_rate, config.schedule,
+                      config.warmup_steps, config.momentum, config.weight_decay, total_steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(name, lr, schedule, warmup_steps, momentum, weight_decay, total_steps):
+    if schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else lr, lr,
+                                                warmup_steps, max(total_steps, 1))
+    elif schedule != "constant":
+        raise BayesTransferError(f"unknown schedule {schedule!r}; use 'constant' or 'cosine'")
+    if name == "sgd":
+        tx = optax.sgd(lr, momentum=momentum or None)
+        if weight_decay:
+            tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
         return tx
-    if config.optimizer == "adam":
+    if name == "adam":
         return optax.adam(lr)
-    if config.optimizer == "adamw":
-        return optax.adamw(lr, weight_decay=config.weight_decay)
-    raise BayesTransferError(f"unknown optimizer {config.optimizer!r}; use 'sgd', 'adam' "
-                             f"or 'adamw'")
+    if name == "adamw":
+        return optax.adamw(lr, weight_decay=weight_decay)
+    raise BayesTransferError(f"unknown optimizer {name!r}; use 'sgd', 'adam' or 'adamw'")
 
 
 def split_model(model: nnx.Module):
@@ -118,7 +122,8 @@ def make_apply(graphdef) -> Callable:
     """A pure function running the model: apply(params, rest, x, train, method)."""
 
     def apply(params, rest, x, train: bool = False, method: str | None = None):
-        model = nnx.merge(graphdef, params, rest)
+        # copy=True: the variables must belong to the innermost trace (grad inside jit).
+        model = nnx.merge(graphdef, params, rest, copy=True)
         fn = model if method is None else getattr(model, method)
         out = fn(x, train=train)
         return out, nnx.state(model, nnx.Not(nnx.Param))
@@ -162,29 +167,16 @@ def fit(
     steps_per_epoch = btdata.num_batches(dataset, config.batch_size)
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
     tx = optimizer or make_optimizer(config, total_steps)
-    apply = make_apply(graphdef)
 
-    def train_step(state: TrainState, batch, key, aux):
-        if config.augment:
-            batch = dict(batch, image=btdata.augment(jax.random.fold_in(key, 1), batch["image"]))
-
-        def objective(p):
-            return loss_fn(apply, p, state.rest, batch, key, aux)
-
-        (loss, (rest, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        swag_state = state.swag if swag is None else swag.update(state.swag, params)
-        metrics = dict(metrics, loss=loss)
-        return TrainState(state.step + 1, params, rest, opt_state, swag_state), metrics
+    step_fn = _compiled_step(graphdef, loss_fn, tx, config.augment, swag)
 
     mesh = data_mesh()
     replicated = NamedSharding(mesh, P())
     state = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params),
                        None if swag is None else swag.init(params))
-    state = jax.device_put(state, replicated)
+    # A private copy: the step donates its input state, the caller keeps its arrays.
+    state = jax.tree.map(jnp.copy, jax.device_put(state, replicated))
     aux = jax.device_put(aux, replicated)
-    step_fn = jax.jit(train_step, donate_argnums=(0,))
 
     manager = _checkpoint_manager(config)
     if manager is not None and manager.latest_step() is not None:
@@ -230,6 +222,28 @@ def fit(
         manager.wait_until_finished()
         manager.close()
     return TrainResult(graphdef, state, history)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_step(graphdef, loss_fn, tx, augment: bool, swag):
+    """The jitted train step; cached so repeated runs (a λ sweep, seeds) compile once."""
+    apply = make_apply(graphdef)
+
+    def train_step(state: TrainState, batch, key, aux):
+        if augment:
+            batch = dict(batch, image=btdata.augment(jax.random.fold_in(key, 1), batch["image"]))
+
+        def objective(p):
+            return loss_fn(apply, p, state.rest, batch, key, aux)
+
+        (loss, (rest, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        swag_state = state.swag if swag is None else swag.update(state.swag, params)
+        metrics = dict(metrics, loss=loss)
+        return TrainState(state.step + 1, params, rest, opt_state, swag_state), metrics
+
+    return jax.jit(train_step, donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------- checkpoints

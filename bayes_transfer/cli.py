@@ -1,0 +1,249 @@
+"""The ``bayes-transfer`` command.
+
+    bayes-transfer demo                      the main job on the embedded default
+    bayes-transfer train --dataset fashion_mnist --arch small_cnn --out runs/fmnist
+    bayes-transfer evaluate --model runs/fmnist --dataset fashion_mnist
+    bayes-transfer learn-prior --dataset fashion_mnist --arch small_cnn --out priors/my-prior
+    bayes-transfer finetune --prior priors/my-prior --dataset mnist_5k --shots 10 --method lowrank
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from bayes_transfer.errors import BayesTransferError
+
+
+def _classes(text: str | None):
+    if not text:
+        return None
+    if "-" in text and "," not in text:
+        lo, hi = (int(v) for v in text.split("-"))
+        return tuple(range(lo, hi + 1))
+    return tuple(int(v) for v in text.split(","))
+
+
+def _add_data_args(p, default="fashion_mnist"):
+    p.add_argument("--dataset", default=default,
+                   help="fashion_mnist, mnist_5k or digits (default: %(default)s)")
+    p.add_argument("--classes", default=None,
+                   help="keep only these classes, relabelled from 0: '0-4' or '5,6,7'")
+    p.add_argument("--data-dir", default=None, help="where prepared datasets live")
+
+
+def _add_train_args(p, epochs, lr, batch_size=128):
+    p.add_argument("--arch", default="small_cnn", help="small_cnn, resnet20, resnet32, ...")
+    p.add_argument("--epochs", type=float, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    p.add_argument("--no-augment", action="store_true", help="no random shifts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="periodic checkpoints; rerunning with the same dir resumes")
+
+
+def _train_config(args, **overrides):
+    from bayes_transfer.train import TrainConfig
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                       optimizer=args.optimizer, learning_rate=args.lr,
+                       augment=not args.no_augment, seed=args.seed,
+                       checkpoint_dir=args.checkpoint_dir, **overrides)
+
+
+def cmd_train(args):
+    from bayes_transfer import data, models
+    from bayes_transfer import metrics as btm
+    from bayes_transfer.checkpoints import save_model
+    from bayes_transfer.objectives import cross_entropy_loss
+    from bayes_transfer.train import fit, predict
+
+    splits = data.load(args.dataset, classes=_classes(args.classes), seed=args.seed,
+                       data_dir=args.data_dir)
+    model = models.create(args.arch, splits.train.num_classes,
+                          in_channels=splits.train.images.shape[-1], seed=args.seed)
+    result = fit(model, splits.train, cross_entropy_loss, _train_config(args))
+    test = btm.classification_metrics(_softmax(predict(result, splits.test)), splits.test.labels)
+    test = {k: float(v) for k, v in test.items()}
+    print(json.dumps({"dataset": args.dataset, "test": test}, indent=2))
+    if args.out:
+        save_model(result, args.out, extra={"dataset": args.dataset, "test": test})
+        print(f"saved the model to {args.out}")
+
+
+def _softmax(logits):
+    import jax
+    import numpy as np
+    return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+
+def cmd_evaluate(args):
+    from bayes_transfer import data
+    from bayes_transfer import metrics as btm
+    from bayes_transfer.checkpoints import load_model
+    from bayes_transfer.train import predict
+
+    model, info = load_model(args.model)
+    splits = data.load(args.dataset, classes=_classes(args.classes), data_dir=args.data_dir)
+    ds = getattr(splits, args.split)
+    probs = _softmax(predict(model, ds))
+    metrics = {k: float(v) for k, v in btm.classification_metrics(probs, ds.labels).items()}
+    print(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split,
+                      **metrics}, indent=2))
+    if args.reliability:
+        from bayes_transfer.plots import reliability_diagram
+        reliability_diagram({args.model: (probs, ds.labels)}, args.reliability)
+        print(f"wrote {args.reliability}")
+
+
+def cmd_learn_prior(args):
+    import jax.numpy as jnp
+
+    from bayes_transfer import data, models
+    from bayes_transfer.artifact import save_prior
+    from bayes_transfer.learn import LearnPriorConfig, learn_prior
+    from bayes_transfer.swag import SwagConfig
+
+    classes = _classes(args.classes)
+    splits = data.load(args.dataset, classes=classes, seed=args.seed, data_dir=args.data_dir)
+    model = models.create(args.arch, splits.train.num_classes,
+                          in_channels=splits.train.images.shape[-1], seed=args.seed)
+    config = LearnPriorConfig(
+        train=_train_config(args, desc="source"), swag_epochs=args.swag_epochs,
+        swag_learning_rate=args.swag_lr, swag=SwagConfig(rank=args.rank, every=args.every))
+    meta = {"architecture": models.model_config(model),
+            "source": {"dataset": args.dataset, "classes": list(classes) if classes else None,
+                       "split": "train", "method": "supervised"},
+            "recommended_scale": None}
+    prior, _ = learn_prior(model, splits, config, checkpoint_dir=args.checkpoint_dir,
+                           metadata=meta)
+    if args.dtype == "bfloat16":
+        prior = prior.astype(jnp.bfloat16)
+    save_prior(prior, args.out, overwrite=args.overwrite)
+    print(f"saved {prior} to {args.out}; source accuracy "
+          f"{prior.metadata.get('source_accuracy')}")
+
+
+def cmd_finetune(args):
+    from bayes_transfer import data
+    from bayes_transfer.demo import model_for, resolve_prior
+    from bayes_transfer.inference.map import FinetuneConfig, finetune
+    from bayes_transfer.prior import METHODS
+    from bayes_transfer.train import TrainConfig
+
+    prior = resolve_prior(args.prior)
+    splits = data.load(args.dataset, shots_per_class=args.shots, classes=_classes(args.classes),
+                       seed=args.seed, data_dir=args.data_dir)
+    methods = METHODS if args.method == ["all"] else args.method
+    config = FinetuneConfig(train=TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+        learning_rate=args.lr, seed=args.seed, desc="finetune"), head_decay=args.head_decay)
+    results, cache = [], {}
+    for method in methods:
+        model = model_for(prior, splits.train.num_classes, args.seed)
+        scale = "auto" if args.scale == "auto" else float(args.scale)
+        res = finetune(model, splits, prior, method, scale=scale, config=config, cache=cache)
+        results.append({**res.summary(), "val": res.val_metrics, "sweep": res.sweep})
+        print(f"{method:10s} λ={res.scale:<9.3g} " + " ".join(
+            f"{k}={res.metrics[k]:.4f}" for k in ("error", "nll", "ece", "brier")))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"prior": args.prior, "dataset": args.dataset, "shots": args.shots,
+                       "seed": args.seed, "results": results}, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+def cmd_demo(args):
+    from bayes_transfer.demo import run_demo
+    from bayes_transfer.inference.map import FinetuneConfig
+
+    config = FinetuneConfig()
+    if args.fast:
+        config = dataclasses.replace(config, variances=(1e-3, 1e-1),
+                                     train=dataclasses.replace(config.train, epochs=20))
+    run_demo(args.prior, target=args.dataset, shots=args.shots, seeds=tuple(range(args.seeds)),
+             methods=tuple(args.methods.split(",")), out_dir=args.out, config=config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bayes_transfer.prior import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="bayes-transfer",
+        description="Bayesian transfer learning with learned priors: learn a SWAG prior on "
+                    "a source task, publish it, fine-tune under it.",
+        epilog="Start with `bayes-transfer demo`. Each command has --help.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="Fashion-MNIST prior → MNIST-5k few-shot, all methods")
+    p.add_argument("--prior", default=None, help="prior name, path or URL "
+                   "(default: the published fashion-mnist/small-cnn)")
+    p.add_argument("--dataset", default="mnist_5k")
+    p.add_argument("--shots", type=int, default=10, help="training examples per class")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--fast", action="store_true", help="smaller λ grid and fewer epochs")
+    p.add_argument("--out", default="outputs/demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="supervised training on a named dataset")
+    _add_data_args(p)
+    _add_train_args(p, epochs=3, lr=0.05)
+    p.add_argument("--out", default=None, help="save the trained model to this directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, NLL, ECE and Brier of a saved model")
+    p.add_argument("--model", required=True, help="directory written by `train --out`")
+    _add_data_args(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--reliability", default=None, help="write a reliability diagram PNG")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("learn-prior", help="source training + SWAG → a prior artifact")
+    _add_data_args(p)
+    _add_train_args(p, epochs=4, lr=0.05)
+    p.add_argument("--swag-epochs", type=float, default=2.0)
+    p.add_argument("--swag-lr", type=float, default=0.01, help="constant LR while collecting")
+    p.add_argument("--rank", type=int, default=20, help="K, deviations kept")
+    p.add_argument("--every", type=int, default=50, help="steps between SWAG snapshots")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_learn_prior)
+
+    p = sub.add_parser("finetune", help="fine-tune under a prior (λ chosen on validation)")
+    p.add_argument("--prior", required=True, help="prior name, path or URL")
+    _add_data_args(p, default="mnist_5k")
+    p.add_argument("--shots", type=int, default=10, help="examples per class (default 10)")
+    p.add_argument("--method", nargs="+", default=["lowrank"],
+                   help=f"one or more of {', '.join(METHODS)}, or 'all'")
+    p.add_argument("--scale", default="auto", help="λ, or 'auto' (validation grid)")
+    p.add_argument("--epochs", type=float, default=40)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--head-decay", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write results JSON here")
+    p.set_defaults(func=cmd_finetune)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except BayesTransferError as e:
+        print(f"bayes-transfer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with the same --checkpoint-dir to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
