@@ -115,8 +115,7 @@ def cmd_learn_prior(args):
         swag_learning_rate=args.swag_lr, swag=SwagConfig(rank=args.rank, every=args.every))
     meta = {"architecture": models.model_config(model),
             "source": {"dataset": args.dataset, "classes": list(classes) if classes else None,
-                       "split": "train", "method": "supervised"},
-            "recommended_scale": None}
+                       "split": "train", "method": "supervised"}}
     prior, _ = learn_prior(model, splits, config, checkpoint_dir=args.checkpoint_dir,
                            metadata=meta)
     if args.dtype == "bfloat16":

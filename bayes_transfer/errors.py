@@ -11,3 +11,15 @@ class SpecMismatchError(BayesTransferError, ValueError):
 
 class PriorError(BayesTransferError, ValueError):
     """A prior's arrays are unusable (NaN/Inf, non-positive variance, bad shapes)."""
+
+
+class ArtifactError(BayesTransferError):
+    """A prior artifact is missing, malformed or cannot be read (names the file at fault)."""
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """A prior artifact's files or metadata do not match its recorded sha256 digests."""
+
+
+class ArtifactVersionError(ArtifactError):
+    """A prior artifact was written in a format this version of bayes_transfer cannot read."""

