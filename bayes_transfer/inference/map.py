@@ -32,8 +32,10 @@ DEFAULT_VARIANCES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 class FinetuneConfig:
     """Settings shared by every fine-tuning method (the same budget for each)."""
 
-    train: TrainConfig = TrainConfig(epochs=40, batch_size=32, optimizer="sgd",
-                                     learning_rate=0.01, schedule="cosine", desc="finetune")
+    # Adam, not SGD: a strong learned prior is a stiff quadratic (curvature up to
+    # 1/(λ·var_min·N)) on which SGD at a usable learning rate diverges.
+    train: TrainConfig = TrainConfig(epochs=40, batch_size=32, optimizer="adam",
+                                     learning_rate=1e-3, schedule="cosine", desc="finetune")
     head_decay: float = 1e-4
     variances: tuple[float, ...] = DEFAULT_VARIANCES
     include_no_prior: bool = True
@@ -117,13 +119,18 @@ def finetune(
             if cache is not None and key is not None:
                 cache[key] = run
         runs.append(run)
-    best = min(runs, key=lambda r: r["val"][config.select_by])
+    # A diverged run (NaN) can never be chosen.
+    best = min(runs, key=lambda r: _finite_or_inf(r["val"][config.select_by]))
     test_probs = _probs(predict(best["result"], splits.test))
     test = btmetrics.classification_metrics(test_probs, splits.test.labels)
     sweep = [{k: v for k, v in r.items() if k != "result"} for r in runs]
     return FinetuneResult(method=method, scale=best["scale"], metrics=_floats(test),
                           val_metrics=best["val"], sweep=sweep, result=best["result"],
                           test_probs=test_probs)
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
 
 
 def _floats(d: dict) -> dict:
