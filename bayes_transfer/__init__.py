@@ -11,7 +11,8 @@ under it (MAP) or sample under it downstream.
     print(result.scale, result.metrics)
 """
 from bayes_transfer import data, metrics, models
-from bayes_transfer.artifact import load_prior, save_prior, verify_artifact
+from bayes_transfer.artifact import save_prior, verify_artifact
+from bayes_transfer.hub import load_prior
 from bayes_transfer.errors import BayesTransferError, PriorError, SpecMismatchError
 from bayes_transfer.inference.map import FinetuneConfig, FinetuneResult, finetune
 from bayes_transfer.learn import LearnPriorConfig, learn_prior

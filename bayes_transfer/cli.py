@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write results JSON here")
     p.set_defaults(func=cmd_finetune)
+
+    from bayes_transfer.cli_priors import add_priors_parser
+    add_priors_parser(sub)
     return parser
 
 
