@@ -29,6 +29,16 @@ def _shortcut_a(x: jax.Array, stride: int, out_ch: int) -> jax.Array:
     return x
 
 
+def _make_shortcut(in_ch: int, out_ch: int, stride: int, shortcut: str, *, rngs: nnx.Rngs):
+    """(pad_shortcut, downsample): option A pads, option B projects, else identity."""
+    if stride == 1 and in_ch == out_ch:
+        return False, None
+    if shortcut == "A":
+        return True, None
+    return False, nnx.List([conv(in_ch, out_ch, 1, stride, rngs=rngs),
+                            batch_norm(out_ch, rngs=rngs)])
+
+
 class BasicBlock(nnx.Module):
     expansion = 1
 
@@ -41,14 +51,8 @@ class BasicBlock(nnx.Module):
         self.bn2 = batch_norm(out_ch, rngs=rngs)
         self.stride = stride
         self.out_channels = out_ch
-        self.pad_shortcut = False
-        self.downsample = None
-        if stride != 1 or in_ch != out_ch:
-            if shortcut == "A":
-                self.pad_shortcut = True
-            else:
-                self.downsample = nnx.List([conv(in_ch, out_ch, 1, stride, rngs=rngs),
-                                            batch_norm(out_ch, rngs=rngs)])
+        self.pad_shortcut, self.downsample = _make_shortcut(in_ch, out_ch, stride, shortcut,
+                                                            rngs=rngs)
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         ura = not train
@@ -71,14 +75,8 @@ class Bottleneck(nnx.Module):
         self.bn3 = batch_norm(out_ch, rngs=rngs)
         self.stride = stride
         self.out_channels = out_ch
-        self.pad_shortcut = False
-        self.downsample = None
-        if stride != 1 or in_ch != out_ch:
-            if shortcut == "A":
-                self.pad_shortcut = True
-            else:
-                self.downsample = nnx.List([conv(in_ch, out_ch, 1, stride, rngs=rngs),
-                                            batch_norm(out_ch, rngs=rngs)])
+        self.pad_shortcut, self.downsample = _make_shortcut(in_ch, out_ch, stride, shortcut,
+                                                            rngs=rngs)
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         ura = not train
