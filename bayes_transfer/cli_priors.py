@@ -139,6 +139,8 @@ def add_priors_parser(subparsers) -> argparse.ArgumentParser:
         description="Published priors by name, like pretrained weights: sha256-pinned in a "
                     "registry, downloaded once into a cache.")
     sub = priors.add_subparsers(dest="priors_command", required=True, metavar="ACTION")
+    from bayes_transfer.torch_import import add_import_parser
+    add_import_parser(sub)
 
     p = sub.add_parser("list", parents=[common], help="registered priors and their status")
     p.add_argument("--json", action="store_true", help="machine-readable output")
