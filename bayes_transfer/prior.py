@@ -22,9 +22,11 @@ and W = √(λ/(2(K−1)))·D̂, the Woodbury identity and the matrix determinan
 
     rᵀΣ⁻¹r = rᵀδ⁻¹r − ‖L⁻¹ W δ⁻¹ r‖²,   log|Σ| = Σᵢ log δᵢ + 2·Σₖ log Lₖₖ
 
-where L is the Cholesky factor of the K×K capacitance ``I + W δ⁻¹ Wᵀ``, cached in the
-prior (recomputed only by :meth:`Prior.rescale`). One call reads D̂ once; its gradient
-(by autodiff) reads it once more: O(K·d) memory traffic, no d×d or K×d temporaries.
+where L is the Cholesky factor of the K×K capacitance ``I + W δ⁻¹ Wᵀ``. L and log|Σ|
+do not depend on θ: they are cached in the prior (recomputed only by
+:meth:`Prior.rescale`, in one pass over D̂). One call reads D̂ once; its gradient (by
+autodiff) reads it once more: O(K·d) memory traffic, no d×d or K×d temporaries
+(``experiments/bench_prior.py`` measures it against two bare passes over D̂).
 """
 from __future__ import annotations
 
@@ -51,9 +53,51 @@ def _as_scalar(x):
     return jnp.asarray(x, dtype=jnp.result_type(float))
 
 
+_GRAM_BLOCK = 1 << 15   # columns of D̂ per step of the capacitance's one pass
+
+
+@jax.jit
+def _capacitance_cholesky(dev, inv_diag, coef):
+    """Cholesky factor of I + coef·D̂ δ⁻¹ D̂ᵀ.
+
+    One pass over D̂ in blocks of columns, so the temporaries are (K, block), not (K, d),
+    and D̂ is read once rather than K times. Jitted: eager rescales compile once per shape.
+    """
+    dtype = inv_diag.dtype
+    rank, d = dev.shape
+    block = min(d, _GRAM_BLOCK)
+    n_full = d // block
+
+    def gram(cols, inv):
+        cols = cols.astype(dtype)
+        return (cols * inv) @ cols.T
+
+    def body(i, acc):
+        start = i * block
+        return acc + gram(jax.lax.dynamic_slice_in_dim(dev, start, block, axis=1),
+                          jax.lax.dynamic_slice_in_dim(inv_diag, start, block))
+
+    total = jax.lax.fori_loop(0, n_full, body, jnp.zeros((rank, rank), dtype))
+    if n_full * block < d:
+        total = total + gram(dev[:, n_full * block:], inv_diag[n_full * block:])
+    return jnp.linalg.cholesky(jnp.eye(rank, dtype=dtype) + coef * total)
+
+
+@jax.jit
+def _logdet_of(prior: "Prior") -> jax.Array:
+    return prior._log_det()
+
+
+@jax.jit
+def _all_finite(x):
+    # max|x| is NaN or Inf iff some entry is: one fused reduction, where
+    # jnp.all(jnp.isfinite(x)) materialises a (K, d) boolean temporary on CPU.
+    return jnp.isfinite(jnp.max(jnp.abs(x)))
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["mean", "var", "deviations", "scale", "floor", "chol"],
+    data_fields=["mean", "var", "deviations", "scale", "floor", "chol", "logdet"],
     meta_fields=["spec", "kind", "info"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,6 +125,7 @@ class Prior:
     spec: ParamSpec
     kind: str
     info: str = "{}"              # JSON metadata (architecture, source, ...): hashable, static
+    logdet: jax.Array | None = None  # cached log|Σ| (set by rescale; recomputed when None)
 
     @property
     def metadata(self) -> dict:
@@ -113,8 +158,10 @@ class Prior:
         training set of N examples corresponds to λ = 1/(α·N).
         """
         mean = jnp.zeros((), jnp.float32) if mean is None else mean
-        return cls._build(spec, mean, jnp.asarray(var, jnp.float32).reshape(()), None,
-                          scale, floor, "isotropic")
+        var = jnp.asarray(var)
+        if not jnp.issubdtype(var.dtype, jnp.floating):   # keeps float64 under x64
+            var = var.astype(jnp.float32)
+        return cls._build(spec, mean, var.reshape(()), None, scale, floor, "isotropic")
 
     @classmethod
     def flat(cls, spec: ParamSpec, mean=None) -> "Prior":
@@ -150,18 +197,23 @@ class Prior:
         if self.deviations is not None:
             checks.append(("deviations", self.deviations))
         for name, x in checks:
-            if not bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))):
+            if not bool(_all_finite(x)):
                 raise PriorError(f"prior {name} contains NaN or Inf; the artifact is corrupt "
                                  f"or the SWAG run diverged")
         if self.kind != "flat" and not bool(jnp.all(self.var > 0)):
             raise PriorError("prior variances must be positive; refit SWAG with a var_floor > 0")
+        self._check_scale_floor()
+        return self
+
+    def _check_scale_floor(self) -> None:
+        if isinstance(self.scale, jax.core.Tracer) or isinstance(self.floor, jax.core.Tracer):
+            return
         scale, floor = float(self.scale), float(self.floor)
         if not (scale > 0) or (math.isinf(scale) and self.kind != "flat"):
             raise PriorError(f"prior scale λ must be a positive finite number, got {scale}; "
                              f"use Prior.flat (or rescale(inf)) for no prior")
         if not (floor >= 0) or math.isinf(floor):
             raise PriorError(f"prior floor ε must be finite and >= 0, got {floor}")
-        return self
 
     # ------------------------------------------------------------------ structure
     @property
@@ -197,21 +249,23 @@ class Prior:
         """
         if not isinstance(scale, jax.core.Tracer) and math.isinf(float(scale)):
             return dataclasses.replace(self, scale=_as_scalar(math.inf), chol=None,
-                                       deviations=None, kind="flat")
+                                       logdet=None, deviations=None, kind="flat")
         new = dataclasses.replace(self, scale=_as_scalar(scale),
                                   floor=self.floor if floor is None else _as_scalar(floor))
         if new.kind == "flat":
             raise PriorError("a flat prior has no scale; build the prior you want to rescale "
                              "from its SWAG arrays")
+        new._check_scale_floor()
         if new.deviations is None:
-            return dataclasses.replace(new, chol=None)
-        dtype = new._compute_dtype()
-        inv_diag = 1.0 / jnp.broadcast_to(new._diag(dtype), (self.dim,))
-        dev = new.deviations
-        # One row at a time keeps the temporary at (d,) instead of (K, d).
-        gram = jax.lax.map(lambda row: dev.astype(dtype) @ (row.astype(dtype) * inv_diag), dev)
-        cap = jnp.eye(self.rank, dtype=dtype) + new._factor_coef(dtype) * gram
-        return dataclasses.replace(new, chol=jnp.linalg.cholesky(cap))
+            new = dataclasses.replace(new, chol=None)
+        else:
+            dtype = new._compute_dtype()
+            inv_diag = 1.0 / jnp.broadcast_to(new._diag(dtype), (self.dim,))
+            chol = _capacitance_cholesky(new.deviations, inv_diag, new._factor_coef(dtype))
+            new = dataclasses.replace(new, chol=chol)
+        # log|Σ| does not depend on θ: computing it here saves a pass of d logarithms
+        # (the costliest elementwise term on CPU) in every log_prob call.
+        return dataclasses.replace(new, logdet=_logdet_of(new))
 
     def for_method(self, method: str) -> "Prior":
         """The prior a fine-tuning method uses, derived from this (SWAG) prior.
@@ -263,16 +317,23 @@ class Prior:
             return jnp.zeros((), dtype) * jnp.sum(theta[:0])   # keeps a (zero) gradient path
         theta = theta.astype(dtype)
         r = theta - self.mean.astype(dtype)
-        diag = self._diag(dtype)
-        a = r / diag
+        a = r / self._diag(dtype)
         quad = jnp.vdot(r, a)
-        logdet = (jnp.sum(jnp.log(diag)) if diag.ndim else self.dim * jnp.log(diag))
         if self.deviations is not None:
             b = jnp.sqrt(self._factor_coef(dtype)) * (self.deviations.astype(dtype) @ a)
             y = jax.scipy.linalg.solve_triangular(self.chol.astype(dtype), b, lower=True)
             quad = quad - jnp.vdot(y, y)
-            logdet = logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(self.chol).astype(dtype)))
+        logdet = (self._log_det(dtype) if self.logdet is None else self.logdet.astype(dtype))
         return -0.5 * (self.dim * math.log(2 * math.pi) + logdet + quad)
+
+    def _log_det(self, dtype=None) -> jax.Array:
+        """log|Σ| = Σᵢ log δᵢ + 2·Σₖ log Lₖₖ (determinant lemma); cached by rescale."""
+        dtype = dtype or self._compute_dtype()
+        diag = self._diag(dtype)
+        logdet = jnp.sum(jnp.log(diag)) if diag.ndim else self.dim * jnp.log(diag)
+        if self.chol is not None:
+            logdet = logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(self.chol).astype(dtype)))
+        return logdet
 
     def grad_log_prob(self, params):
         """∇θ log p(θ), with the structure of ``params``."""
