@@ -21,6 +21,12 @@ from bayes_transfer.inference.map import FinetuneConfig, finetune
 from bayes_transfer.prior import METHODS
 
 DEFAULT_PRIOR = "fashion-mnist/small-cnn"
+
+#: The demo's budget, the same for every method: 3 prior strengths + the no-prior
+#: limit, 30 epochs of 100 images. `bayes-transfer demo --full-grid` uses FinetuneConfig().
+DEMO_CONFIG = dataclasses.replace(
+    FinetuneConfig(), variances=(1.0, 10.0, 100.0),
+    train=dataclasses.replace(FinetuneConfig().train, epochs=30))
 REPO_PRIORS = Path(__file__).resolve().parents[1] / "priors"
 
 
@@ -49,7 +55,7 @@ def model_for(prior, num_classes: int, seed: int):
 
 def run_demo(prior_ref: str | None = None, *, target: str = "mnist_5k", shots: int = 10,
              seeds=(0,), methods=METHODS, out_dir: str = "outputs/demo",
-             config: FinetuneConfig = FinetuneConfig()) -> dict:
+             config: FinetuneConfig = DEMO_CONFIG) -> dict:
     t0 = time.perf_counter()
     prior = resolve_prior(prior_ref)
     print(f"prior: {prior}  ({prior.metadata.get('source', {})})")
@@ -65,7 +71,7 @@ def run_demo(prior_ref: str | None = None, *, target: str = "mnist_5k", shots: i
             model = model_for(prior, splits.train.num_classes, seed)
             res = finetune(model, splits, prior, method,
                            config=dataclasses.replace(config, train=train), cache=cache)
-            rows[method].append(res.summary())
+            rows[method].append({**res.summary(), "sweep": res.sweep})
             if seed == seeds[0]:
                 reliability[method] = (res.test_probs, splits.test.labels)
             print(f"  {method:10s} λ={res.scale:<9.3g} error={res.metrics['error']:.4f} "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,12 @@ from bayes_transfer.prior import METHODS, Prior
 from bayes_transfer.train import TrainConfig, TrainResult, fit, predict, split_model
 
 #: Effective prior variances tried for every method (besides the no-prior limit).
-DEFAULT_VARIANCES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: With d ≈ 1e5 covered weights and N ≈ 100 examples the prior term dominates the
+#: likelihood unless v is large, so the grid reaches v = 100.
+DEFAULT_VARIANCES = (1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+#: Validation metrics that are maximised by the choice of λ (all others are minimised).
+HIGHER_IS_BETTER = frozenset({"accuracy", "miou", "pixel_accuracy"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +41,12 @@ class FinetuneConfig:
     # Adam, not SGD: a strong learned prior is a stiff quadratic (curvature up to
     # 1/(λ·var_min·N)) on which SGD at a usable learning rate diverges.
     train: TrainConfig = TrainConfig(epochs=40, batch_size=32, optimizer="adam",
-                                     learning_rate=1e-3, schedule="cosine", desc="finetune")
+                                     learning_rate=1e-2, schedule="cosine", desc="finetune")
     head_decay: float = 1e-4
     variances: tuple[float, ...] = DEFAULT_VARIANCES
     include_no_prior: bool = True
-    select_by: str = "nll"           # validation metric minimised by the choice of λ
+    select_by: str = "nll"           # validation metric optimised by the choice of λ
+                                     # (maximised if in HIGHER_IS_BETTER, else minimised)
 
 
 @dataclasses.dataclass
@@ -69,6 +76,12 @@ def _probs(logits) -> np.ndarray:
     return np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
 
 
+def evaluate_classification(result: TrainResult, dataset) -> tuple[dict, np.ndarray]:
+    """(classification metrics, predictive probabilities) of ``result`` on ``dataset``."""
+    probs = _probs(predict(result, dataset))
+    return btmetrics.classification_metrics(probs, dataset.labels), probs
+
+
 def finetune(
     model: nnx.Module,
     splits,
@@ -78,12 +91,20 @@ def finetune(
     scale: float | str = "auto",
     config: FinetuneConfig = FinetuneConfig(),
     cache: dict | None = None,
+    loss_fn: Callable | None = None,
+    evaluate: Callable[[TrainResult, object], tuple[dict, np.ndarray | None]] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``splits.train`` under ``prior.for_method(method)``.
 
     ``scale="auto"`` tries :func:`scale_grid` and keeps the λ with the best validation
     ``config.select_by``; a number fixes λ. ``cache`` (a dict) shares the no-prior run
     between methods that all include it, as they start from the same point.
+
+    Other tasks plug in here: ``loss_fn`` replaces the classification MAP loss (it gets
+    the prior as the training loop's ``aux``; e.g. ``map_loss(N, task="segmentation")``)
+    and ``evaluate(result, dataset) -> (metrics, probs)`` replaces the classification
+    metrics (``config.select_by`` must be one of its keys). See
+    ``bayes_transfer.segmentation.finetune_segmentation``.
 
     Example::
 
@@ -97,7 +118,9 @@ def finetune(
     _, params, _ = split_model(model)
     params = prior.init_params(params)
     num_train = len(splits.train)
-    loss = _loss(num_train, config.head_decay)
+    loss = _loss(num_train, config.head_decay) if loss_fn is None else loss_fn
+    evaluate = evaluate_classification if evaluate is None else evaluate
+    sign = -1.0 if config.select_by in HIGHER_IS_BETTER else 1.0
     if scale == "auto":
         grid = scale_grid(method_prior, config.variances, config.include_no_prior)
     else:
@@ -113,16 +136,17 @@ def finetune(
             aux = method_prior.rescale(lam)
             result = fit(model, splits.train, loss, dataclasses.replace(
                 config.train, desc=f"{method} λ={lam:.3g}"), aux=aux, params=params)
-            val = btmetrics.classification_metrics(_probs(predict(result, splits.val)),
-                                                   splits.val.labels)
+            val, _ = evaluate(result, splits.val)
+            if config.select_by not in val:
+                raise BayesTransferError(f"select_by={config.select_by!r} is not a validation "
+                                         f"metric; choose one of {sorted(val)}")
             run = {"scale": lam, "variance": lam * base, "val": _floats(val), "result": result}
             if cache is not None and key is not None:
                 cache[key] = run
         runs.append(run)
     # A diverged run (NaN) can never be chosen.
-    best = min(runs, key=lambda r: _finite_or_inf(r["val"][config.select_by]))
-    test_probs = _probs(predict(best["result"], splits.test))
-    test = btmetrics.classification_metrics(test_probs, splits.test.labels)
+    best = min(runs, key=lambda r: _finite_or_inf(sign * r["val"][config.select_by]))
+    test, test_probs = evaluate(best["result"], splits.test)
     sweep = [{k: v for k, v in r.items() if k != "result"} for r in runs]
     return FinetuneResult(method=method, scale=best["scale"], metrics=_floats(test),
                           val_metrics=best["val"], sweep=sweep, result=best["result"],
