@@ -145,9 +145,19 @@ def cmd_finetune(args):
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         learning_rate=args.lr, seed=args.seed, desc="finetune"), head_decay=args.head_decay)
     results, cache = [], {}
+    scale = "auto" if args.scale == "auto" else float(args.scale)
     for method in methods:
         model = model_for(prior, splits.train.num_classes, args.seed)
-        scale = "auto" if args.scale == "auto" else float(args.scale)
+        if method in ("sgld", "swag"):
+            from bayes_transfer.inference.bma import PosteriorConfig, sample_posterior
+            post = PosteriorConfig(prior_method=args.prior_method, scale=scale, map=config)
+            res = sample_posterior(model, splits, prior, method, samples=args.samples,
+                                   config=post, log=print)
+            results.append({**res.summary(), "val": res.val_metrics,
+                            "map": res.map_metrics, "calibrated": res.calibrated_metrics})
+            print(f"{method:10s} BMA of {args.samples} samples, λ={res.scale:<9.3g} " + " ".join(
+                f"{k}={res.metrics[k]:.4f}" for k in ("error", "nll", "ece", "brier")))
+            continue
         res = finetune(model, splits, prior, method, scale=scale, config=config, cache=cache)
         results.append({**res.summary(), "val": res.val_metrics, "sweep": res.sweep})
         print(f"{method:10s} λ={res.scale:<9.3g} " + " ".join(
@@ -224,7 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, default="mnist_5k")
     p.add_argument("--shots", type=int, default=10, help="examples per class (default 10)")
     p.add_argument("--method", nargs="+", default=["lowrank"],
-                   help=f"one or more of {', '.join(METHODS)}, or 'all'")
+                   help=f"one or more of {', '.join(METHODS)} (MAP), sgld or swag "
+                        f"(samples + model averaging), or 'all' (every MAP method)")
+    p.add_argument("--samples", type=int, default=10,
+                   help="posterior samples for sgld/swag (default 10)")
+    p.add_argument("--prior-method", default="lowrank", choices=METHODS,
+                   help="the prior sgld/swag sample under (default lowrank)")
     p.add_argument("--scale", default="auto", help="λ, or 'auto' (validation grid)")
     p.add_argument("--epochs", type=float, default=40)
     p.add_argument("--batch-size", type=int, default=32)

@@ -153,14 +153,17 @@ def fit(
     optimizer: optax.GradientTransformation | None = None,
     swag=None,
     params=None,
+    opt_state=None,
     eval_fn: Callable[[TrainResult], dict] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` (an ``ArrayDataset``) by minimising ``loss_fn``.
 
     ``swag`` is a SWAG collector (``bayes_transfer.swag.swag_collector``) updated after
     every optimizer step; ``params`` overrides the model's initial parameters (for
-    instance a prior's mean); ``eval_fn`` is called at the end of each epoch with the
-    current result and its dict goes into the history.
+    instance a prior's mean); ``opt_state`` overrides ``optimizer.init(params)``, to
+    continue a run's optimizer state over several calls (an SGLD chain's PRNG key and
+    step count, see ``bayes_transfer.inference.sgld``); ``eval_fn`` is called at the end
+    of each epoch with the current result and its dict goes into the history.
     """
     graphdef, model_params, rest = split_model(model)
     params = model_params if params is None else params
@@ -172,7 +175,8 @@ def fit(
 
     mesh = data_mesh()
     replicated = NamedSharding(mesh, P())
-    state = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params),
+    state = TrainState(jnp.zeros((), jnp.int32), params, rest,
+                       tx.init(params) if opt_state is None else opt_state,
                        None if swag is None else swag.init(params))
     # A private copy: the step donates its input state, the caller keeps its arrays.
     state = jax.tree.map(jnp.copy, jax.device_put(state, replicated))
