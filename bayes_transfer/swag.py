@@ -173,6 +173,11 @@ def _flat(spec: ParamSpec, params) -> jax.Array:
     return spec.ravel(params, dtype=jnp.float32)
 
 
+def _skip(state: SwagState, params) -> SwagState:
+    del params
+    return state
+
+
 def swag_collector(spec: ParamSpec, config: SwagConfig = SwagConfig()) -> SwagCollector:
     """A SWAG collector over the parameters ``spec`` covers (see :class:`SwagConfig`).
 
@@ -182,10 +187,11 @@ def swag_collector(spec: ParamSpec, config: SwagConfig = SwagConfig()) -> SwagCo
     Example::
 
         swag = swag_collector(spec, SwagConfig(rank=20, every=50))
+        update = jax.jit(swag.update, donate_argnums=0)   # or call it inside your step
         state = swag.init(params)
         for batch in data:
             params, opt_state = train_step(params, opt_state, batch)
-            state = jax.jit(swag.update, donate_argnums=0)(state, params)
+            state = update(state, params)
         prior = swag_prior(state, spec)
     """
     if not isinstance(spec, ParamSpec):
@@ -225,7 +231,7 @@ def swag_collector(spec: ParamSpec, config: SwagConfig = SwagConfig()) -> SwagCo
         take = config.is_snapshot(state.step)
         # The parameters are ravelled inside the taken branch only: a step without a
         # snapshot neither reads them nor touches the (K, d) buffer.
-        new = jax.lax.cond(take, snapshot, lambda s, _: s, state, params)
+        new = jax.lax.cond(take, snapshot, _skip, state, params)
         return new._replace(step=state.step + 1)
 
     return SwagCollector(init, update)
@@ -245,14 +251,16 @@ def swag_stats(state: SwagState, var_floor: float = DEFAULT_VAR_FLOOR):
     """``(mean, var, deviations)`` as plain arrays: (d,), (d,) and (min(n, K), d).
 
     ``var = max(m2 / n, var_floor)``; the deviation rows are in chronological order
-    (oldest first). Eager only (it reads ``state.count`` on the host).
+    (oldest first). The arrays are new buffers, never the state's own, so they stay
+    valid when the state is later donated to a jitted ``update``. Eager only (it
+    reads ``state.count`` on the host).
     """
     count, deviations = _chronological(state)
     if count < 1:
         raise PriorError("the SWAG state holds no snapshot yet (count = 0)")
     var = jnp.maximum(state.m2 / jnp.asarray(count, state.m2.dtype),
                       jnp.asarray(var_floor, state.m2.dtype))
-    return state.mean, var, deviations
+    return jnp.copy(state.mean), var, deviations
 
 
 def swag_prior(state: SwagState, spec: ParamSpec, *, kind: str = "lowrank", scale=1.0,

@@ -384,9 +384,9 @@ def test_float32_finite_over_scale_range():
                     assert np.isfinite(float(lp)), (kind, lam, floor)
                     assert np.all(np.isfinite(np.asarray(g))), (kind, lam, floor)
                     assert np.any(np.asarray(g) != 0)
-            # the tree gradient keeps the tree's dtypes
-            g_tree = jax.grad(prior.log_prob)(params)
-            assert g_tree["backbone"]["norm"]["scale"].dtype == jnp.float32
+        # the tree gradient keeps the tree's dtypes
+        g_tree = jax.grad(base.log_prob)(params)
+        assert g_tree["backbone"]["norm"]["scale"].dtype == jnp.float32
 
 
 def test_bfloat16_storage():

@@ -357,3 +357,21 @@ def test_sharded_params_and_state():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK 4" in out.stdout
+
+
+def test_prior_survives_donating_the_state():
+    """swag_prior copies what it takes: collection can go on with a donated state."""
+    rng = np.random.default_rng(0)
+    params = make_params(rng)
+    spec = ParamSpec.from_params(params)
+    swag = swag_collector(spec, SwagConfig(rank=2))      # count < K and count > K below
+    update = jax.jit(swag.update, donate_argnums=0)
+    state = swag.init(params)
+    for n_steps in (2, 3):
+        for _ in range(n_steps):
+            state = update(state, make_params(rng, params))
+        prior = swag_prior(state, spec)
+        mean = np.asarray(prior.mean).copy()
+        state = update(state, make_params(rng, params))   # donates the old buffers
+        np.testing.assert_array_equal(np.asarray(prior.mean), mean)
+        assert np.all(np.isfinite(np.asarray(prior.deviations)))
