@@ -42,11 +42,18 @@ def learn_prior(model: nnx.Module, splits, config: LearnPriorConfig = LearnPrior
     """Source training then SWAG collection; returns (prior, final training result).
 
     ``checkpoint_dir`` makes both phases resumable (each keeps its own sub-directory).
-    ``loss_fn`` is the source objective (cross-entropy, or SimCLR's NT-Xent).
+    ``loss_fn`` is the source objective (cross-entropy, or SimCLR's NT-Xent). With
+    ``bayes_transfer.ssl.simclr_loss`` a classifier is wrapped in a ``SimCLRModel`` (its
+    backbone plus a projection head, which the prior does not cover), the metadata says
+    ``source.method = "simclr"`` and has the test ``linear_probe_accuracy``.
     """
     def ckpt(name):
         return None if checkpoint_dir is None else os.path.join(checkpoint_dir, name)
 
+    simclr = getattr(loss_fn, "method", None) == "simclr"
+    if simclr:  # a projection head outside backbone/: the prior covers what it would anyway
+        from bayes_transfer.ssl import as_simclr_model
+        model = as_simclr_model(model)
     pretrain = fit(model, splits.train, loss_fn,
                    dataclasses.replace(config.train, checkpoint_dir=ckpt("pretrain")))
     graphdef, params, rest = pretrain.graphdef, pretrain.state.params, pretrain.state.rest
@@ -59,7 +66,7 @@ def learn_prior(model: nnx.Module, splits, config: LearnPriorConfig = LearnPrior
                                      schedule="constant", checkpoint_dir=ckpt("swag"),
                                      seed=config.train.seed + 1, desc="swag")
     collected = fit(model, splits.train, loss_fn, swag_train, swag=collector)
-    prior = swag_prior(collected.state.swag, spec)
+    prior = swag_prior(collected.state.swag, spec, var_floor=config.swag.var_floor)
 
     info = {
         "kind": prior.kind,
@@ -74,7 +81,15 @@ def learn_prior(model: nnx.Module, splits, config: LearnPriorConfig = LearnPrior
     if loss_fn is cross_entropy_loss and getattr(splits, "test", None) is not None:
         info["source_accuracy"] = accuracy(collected, splits.test)
         info["source_accuracy_at_mean"] = accuracy_at_mean(collected, prior, splits)
+    if simclr:
+        from bayes_transfer.ssl import linear_probe
+        if getattr(model, "architecture", None) is not None:
+            info["architecture"] = model.architecture
+        if getattr(splits, "test", None) is not None and len(getattr(splits, "val", ())):
+            info["linear_probe_accuracy"] = linear_probe(collected, splits)
     info.update(metadata or {})
+    if simclr:
+        info["source"] = {**info.get("source", {}), "method": "simclr"}
     return prior.with_metadata(info), collected
 
 
