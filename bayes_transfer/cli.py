@@ -39,7 +39,10 @@ def _add_train_args(p, epochs, lr, batch_size=128):
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--no-augment", action="store_true", help="no random shifts")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips too "
+                   "(right for clothing, wrong for digits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", default=None,
                    help="periodic checkpoints; rerunning with the same dir resumes")
@@ -49,7 +52,8 @@ def _train_config(args, **overrides):
     from bayes_transfer.train import TrainConfig
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                        optimizer=args.optimizer, learning_rate=args.lr,
-                       augment=not args.no_augment, seed=args.seed,
+                       augment=not args.no_augment, flip=args.flip,
+                       weight_decay=args.weight_decay, seed=args.seed,
                        checkpoint_dir=args.checkpoint_dir, **overrides)
 
 
@@ -203,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="supervised training on a named dataset")
     _add_data_args(p)
-    _add_train_args(p, epochs=3, lr=0.05)
+    _add_train_args(p, epochs=3, lr=0.1)
     p.add_argument("--out", default=None, help="save the trained model to this directory")
     p.set_defaults(func=cmd_train)
 

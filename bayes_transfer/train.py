@@ -57,6 +57,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0      # decoupled (adamw) or added to the gradient (sgd)
     augment: bool = False          # random shifts on the device, inside the step
+    flip: bool = False             # with augment: random horizontal flips too
     seed: int = 0
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0      # steps; 0: at the end of each epoch
@@ -171,7 +172,7 @@ def fit(
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
     tx = optimizer or make_optimizer(config, total_steps)
 
-    step_fn = _compiled_step(graphdef, loss_fn, tx, config.augment, swag)
+    step_fn = _compiled_step(graphdef, loss_fn, tx, config.augment, config.flip, swag)
 
     mesh = data_mesh()
     replicated = NamedSharding(mesh, P())
@@ -229,13 +230,14 @@ def fit(
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_step(graphdef, loss_fn, tx, augment: bool, swag):
+def _compiled_step(graphdef, loss_fn, tx, augment: bool, flip: bool, swag):
     """The jitted train step; cached so repeated runs (a λ sweep, seeds) compile once."""
     apply = make_apply(graphdef)
 
     def train_step(state: TrainState, batch, key, aux):
         if augment:
-            batch = dict(batch, image=btdata.augment(jax.random.fold_in(key, 1), batch["image"]))
+            batch = dict(batch, image=btdata.augment(jax.random.fold_in(key, 1), batch["image"],
+                                                     flip=flip))
 
         def objective(p):
             return loss_fn(apply, p, state.rest, batch, key, aux)
