@@ -27,7 +27,8 @@ def _classes(text: str | None):
 
 def _add_data_args(p, default="fashion_mnist"):
     p.add_argument("--dataset", default=default,
-                   help="fashion_mnist, mnist_5k or digits (default: %(default)s)")
+                   help="fashion_mnist, mnist_5k or digits (default: %(default)s); with "
+                        "--task segmentation: isbi, fashion_scenes or an image/label folder")
     p.add_argument("--classes", default=None,
                    help="keep only these classes, relabelled from 0: '0-4' or '5,6,7'")
     p.add_argument("--data-dir", default=None, help="where prepared datasets live")
@@ -84,6 +85,9 @@ def _softmax(logits):
 
 
 def cmd_evaluate(args):
+    if args.task == "segmentation":
+        from bayes_transfer.cli_segmentation import run_segmentation_evaluate
+        return run_segmentation_evaluate(args)
     from bayes_transfer import data
     from bayes_transfer import metrics as btm
     from bayes_transfer.checkpoints import load_model
@@ -135,6 +139,9 @@ def cmd_learn_prior(args):
 
 
 def cmd_finetune(args):
+    if args.task == "segmentation":
+        from bayes_transfer.cli_segmentation import run_segmentation_finetune
+        return run_segmentation_finetune(args)
     from bayes_transfer import data
     from bayes_transfer.demo import model_for, resolve_prior
     from bayes_transfer.inference.map import FinetuneConfig, finetune
@@ -216,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--reliability", default=None, help="write a reliability diagram PNG")
+    p.add_argument("--task", default="classification", choices=["classification", "segmentation"])
+    from bayes_transfer.cli_segmentation import add_segmentation_eval_args
+    add_segmentation_eval_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("learn-prior", help="source training + SWAG → a prior artifact")
@@ -252,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write results JSON here")
+    p.add_argument("--task", default="classification", choices=["classification", "segmentation"],
+                   help="segmentation: --dataset isbi, fashion_scenes or an image/label folder")
+    from bayes_transfer.cli_segmentation import add_segmentation_args
+    add_segmentation_args(p)
     p.set_defaults(func=cmd_finetune)
 
     from bayes_transfer.cli_priors import add_priors_parser

@@ -39,6 +39,10 @@ def batches(dataset: ArrayDataset, batch_size: int, *, seed: int, epoch: int,
     ``batch_size`` is yielded whole as a single batch. Images are normalised with
     the dataset's mean/std when ``dataset.name`` has stored statistics (see
     `normalize`), otherwise only scaled to [0, 1].
+
+    A dataset that defines ``make_batch(indices, rng)`` (a segmentation dataset,
+    yielding ``{"image", "mask"}`` and cutting random crops) builds its own batches;
+    ``rng`` is ``np.random.default_rng([seed, epoch, batch index])``.
     """
     n = len(dataset)
     if seed < 0 or epoch < 0:
@@ -46,7 +50,11 @@ def batches(dataset: ArrayDataset, batch_size: int, *, seed: int, epoch: int,
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     stats_name = dataset.name if dataset.name in NORMALIZATION_STATS else None
     size = min(batch_size, n)
+    make_batch = getattr(dataset, "make_batch", None)
     for b in range(num_batches(n, batch_size, drop_remainder=drop_remainder)):
         idx = order[b * size:(b + 1) * size]
+        if make_batch is not None:
+            yield make_batch(idx, np.random.default_rng([seed, epoch, b]))
+            continue
         yield {"image": normalize(dataset.images[idx], stats_name),
                "label": dataset.labels[idx]}

@@ -98,7 +98,8 @@ def finetune(
 
     ``scale="auto"`` tries :func:`scale_grid` and keeps the λ with the best validation
     ``config.select_by``; a number fixes λ. ``cache`` (a dict) shares the no-prior run
-    between methods that all include it, as they start from the same point.
+    between methods that all include it, as they start from the same point: use one
+    dict per (model initialisation, splits, config), never across them.
 
     Other tasks plug in here: ``loss_fn`` replaces the classification MAP loss (it gets
     the prior as the training loop's ``aux``; e.g. ``map_loss(N, task="segmentation")``)
@@ -129,7 +130,7 @@ def finetune(
 
     runs = []
     for lam in grid:
-        key = ("no-prior", id(model), id(splits)) if math.isinf(lam) else None
+        key = "no-prior" if math.isinf(lam) else None
         if cache is not None and key in cache:
             run = cache[key]
         else:
