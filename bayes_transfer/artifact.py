@@ -104,6 +104,7 @@ _LIBRARIES = {"bayes_transfer": "bayes_transfer", "jax": "jax", "jaxlib": "jaxli
 _DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(jnp.bfloat16),
            "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 _MAX_METADATA_BYTES = 64 << 20
+_CHUNK_BYTES = 64 << 20
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _LAYOUT = (f"A prior artifact is a directory holding {METADATA_FILE} (JSON: format, kind, "
            f"scale, parameter spec, sha256 digests) and {ARRAYS_DIR}/ (an Orbax checkpoint of "
@@ -203,7 +204,7 @@ def read_metadata(path, *, verify: bool = True) -> dict:
                             f"not a prior artifact's metadata")
     try:
         meta = json.loads(file.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
         raise ArtifactError(f"{file} is not valid JSON ({e}); the artifact is corrupt: delete "
                             f"it and download it again") from None
     # Version first (a newer format may hash differently), then the digest (so an edit
@@ -300,7 +301,7 @@ def metadata_digest(meta: dict) -> str:
     try:
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                                allow_nan=False)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise ArtifactError(f"artifact metadata is not canonical JSON: {e}") from None
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
@@ -369,7 +370,12 @@ def _normalize_user_metadata(metadata: dict) -> dict:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:      # a JSON integer beyond the float range (e.g. 10**400)
+        return False
 
 
 def _library_versions() -> dict:
@@ -407,9 +413,12 @@ def _build_metadata(prior: Prior, arrays: dict, metadata: dict | None) -> dict:
 def _write_arrays(directory: Path, arrays: dict[str, np.ndarray]) -> None:
     import orbax.checkpoint as ocp
 
-    # A plain (synchronous) Checkpointer: save returns once the files are written.
+    # A plain (synchronous) Checkpointer: save returns once the files are written. Chunks
+    # of at most 64 MiB: restoring decodes chunk by chunk, so loading needs the arrays plus
+    # a few chunks instead of twice the (K, d) factor (one chunk per array before).
+    save_args = {name: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES) for name in arrays}
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-        ckptr.save(directory, args=ocp.args.StandardSave(arrays))
+        ckptr.save(directory, args=ocp.args.StandardSave(arrays, save_args=save_args))
 
 
 def _write_metadata(directory: Path, meta: dict) -> None:
@@ -568,7 +577,8 @@ def _validate_metadata(meta, where) -> None:
     allowed_shapes = {"mean": ([], [d]), "deviations": ([rank, d],),
                       "var": {"isotropic": ([],), "flat": ([], [d])}.get(kind, ([d],))}
     for name, info in arrays.items():
-        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) \
+                or info["dtype"] not in _DTYPES:
             raise bad(f"arrays[{name!r}] must give a shape and one of the dtypes "
                       f"{sorted(_DTYPES)}, got {info!r}")
         if info.get("shape") not in allowed_shapes[name]:
@@ -705,7 +715,13 @@ def _prior_from_arrays(meta: dict, arrays: dict, dtype) -> Prior:
         dtype = np.dtype(dtype)
         if dtype.name not in _DTYPES:
             raise PriorError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
-        arrays = {k: v.astype(dtype) for k, v in arrays.items()}
+    # Hand each array to JAX once (in place, so the host copy is freed as soon as the
+    # device copy exists): a Prior holding the restored numpy arrays would copy its (K, d)
+    # factor to the device again on every jitted call (XLA:CPU aliases only 64-byte
+    # aligned host buffers, and Orbax's are not), doubling the memory of each call.
+    for name in sorted(arrays, key=lambda k: -arrays[k].nbytes):
+        arrays[name] = jax.device_put(arrays[name] if dtype is None
+                                      else arrays[name].astype(dtype))
     scale = math.inf if meta["kind"] == "flat" else meta["scale"]
     # Prior._build validates (NaN/Inf, variance > 0, shapes) and caches the Cholesky factor.
     prior = Prior._build(spec, arrays["mean"], arrays["var"], arrays.get("deviations"),

@@ -8,6 +8,7 @@ written once works for Flax NNX models, Linen-style dicts and imported weights.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Iterable
 
@@ -113,11 +114,19 @@ class ParamSpec:
     def ravel(self, params, dtype=jnp.float32) -> jax.Array:
         """Concatenate the covered leaves into one (d,) vector, in spec order."""
         found = flatten_with_paths(params)
-        try:
-            return jnp.concatenate([jnp.ravel(found[p]).astype(dtype) for p in self.paths])
-        except KeyError as e:
-            raise SpecMismatchError(f"parameter {e.args[0]!r} covered by the prior is missing "
-                                    f"from the parameters given") from None
+        leaves = []
+        for path, shape in zip(self.paths, self.shapes):
+            if path not in found:
+                raise SpecMismatchError(f"parameter {path!r} covered by the prior is missing "
+                                        f"from the parameters given")
+            x = found[path]
+            if tuple(jnp.shape(x)) != shape:   # static: also checked under jit
+                raise SpecMismatchError(
+                    f"parameter {path!r}: the prior expects shape {shape}, the parameters "
+                    f"given have shape {tuple(jnp.shape(x))}; is it the architecture the "
+                    f"prior was learned for?")
+            leaves.append(jnp.ravel(x).astype(dtype))
+        return jnp.concatenate(leaves)
 
     def unravel(self, vec) -> dict[str, jax.Array]:
         """Split a (d,) vector into {path: array} with the spec's shapes and dtypes."""
@@ -137,11 +146,21 @@ class ParamSpec:
     @classmethod
     def from_json(cls, d: dict) -> "ParamSpec":
         try:
-            return cls(paths=tuple(str(p) for p in d["paths"]),
+            spec = cls(paths=tuple(str(p) for p in d["paths"]),
                        shapes=tuple(tuple(int(v) for v in s) for s in d["shapes"]),
                        dtypes=tuple(str(t) for t in d["dtypes"]), rule=str(d["rule"]))
-        except (KeyError, TypeError, ValueError) as e:
+            re.compile(spec.rule)
+        except (KeyError, TypeError, ValueError, re.error) as e:
             raise SpecMismatchError(f"malformed parameter spec: {e!r}") from None
+        # (a spec read from a file: lengths that disagree, negative or int64-overflowing
+        # sizes would otherwise surface later as unrelated errors)
+        if not len(spec.paths) == len(spec.shapes) == len(spec.dtypes) or any(
+                v < 0 for s in spec.shapes for v in s) or sum(
+                math.prod(s) for s in spec.shapes) >= 2 ** 62:
+            raise SpecMismatchError(f"malformed parameter spec: {len(spec.paths)} paths, "
+                                    f"{len(spec.shapes)} shapes, {len(spec.dtypes)} dtypes, "
+                                    f"shapes {str(spec.shapes)[:200]}")
+        return spec
 
     def __repr__(self) -> str:
         return f"ParamSpec(rule={self.rule!r}, {len(self.paths)} arrays, d={self.size})"

@@ -265,7 +265,16 @@ class Prior:
             new = dataclasses.replace(new, chol=chol)
         # log|Σ| does not depend on θ: computing it here saves a pass of d logarithms
         # (the costliest elementwise term on CPU) in every log_prob call.
-        return dataclasses.replace(new, logdet=_logdet_of(new))
+        new = dataclasses.replace(new, logdet=_logdet_of(new))
+        if not isinstance(new.logdet, jax.core.Tracer) and not bool(jnp.isfinite(new.logdet)):
+            # e.g. λ·var/2 below the dtype's smallest normal number with ε = 0: δ flushes
+            # to 0 and every log_prob would be NaN or ±inf
+            raise PriorError(
+                f"the covariance is not representable in {new._compute_dtype()} at "
+                f"λ={float(new.scale):g}, ε={float(new.floor):g} (log|Σ| = "
+                f"{float(new.logdet)}): some variances λ·Σ₀ + ε underflow to 0 or overflow; "
+                f"use a floor ε > 0 (e.g. 1e-12) or a larger λ")
+        return new
 
     def for_method(self, method: str) -> "Prior":
         """The prior a fine-tuning method uses, derived from this (SWAG) prior.

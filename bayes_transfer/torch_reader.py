@@ -53,6 +53,7 @@ import collections
 import io
 import math
 import pickle
+import pickletools
 import re
 import zipfile
 import zlib
@@ -64,6 +65,18 @@ import numpy as np
 
 from bayes_transfer.errors import (BayesTransferError, LegacyTorchFormatError, TorchFormatError,
                                    UnsafePickleError)
+
+try:
+    from lzma import LZMAError as _LZMAError
+except ImportError:             # Python built without lzma: zipfile cannot produce it either
+    class _LZMAError(Exception):
+        pass
+
+#: What zipfile raises on a corrupt archive or member: besides BadZipFile, a header field
+#: can ask for encryption (RuntimeError: password required), a newer zip version or an
+#: unknown method (NotImplementedError), or route garbage through a decompressor.
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError,
+               NotImplementedError, RuntimeError, _LZMAError)
 
 __all__ = ["load", "ALLOWED_GLOBALS", "STORAGE_DTYPES", "MAX_PICKLE_BYTES", "MAX_NDIM"]
 
@@ -120,7 +133,7 @@ def load(path, *, max_pickle_bytes: int = MAX_PICKLE_BYTES) -> Any:
         _explain_not_zip(path)
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except _ZIP_ERRORS as e:
         raise TorchFormatError(f"{path} is not a readable torch.save zip archive ({e}); the "
                                f"file is truncated or corrupt: download or save it again") from None
     with archive:
@@ -186,8 +199,7 @@ class _ArchiveReader:
                                    f"{limit} accepted; refusing an absurd size")
         try:
             return self.zip.read(info)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError,
-                NotImplementedError) as e:
+        except _ZIP_ERRORS as e:
             raise TorchFormatError(f"{self.path}: cannot read {name} ({e}); the file is "
                                    f"truncated or corrupt: download or save it again") from None
 
@@ -203,6 +215,7 @@ class _ArchiveReader:
 
     def load(self):
         data = self._read_small(f"{self.root}/data.pkl", self.max_pickle_bytes)
+        self._check_memo_indices(data)
         unpickler = _RestrictedUnpickler(io.BytesIO(data), self)
         try:
             obj = unpickler.load()
@@ -225,6 +238,26 @@ class _ArchiveReader:
             raise TorchFormatError(f"{self.path}: data.pkl nests too deeply to be a state dict") \
                 from None
         except Exception as e:  # noqa: BLE001 - e.g. an array used as a dict key
+            raise TorchFormatError(f"{self.path}: data.pkl is not a valid torch pickle "
+                                   f"({type(e).__name__}: {e})") from None
+
+    def _check_memo_indices(self, data: bytes) -> None:
+        """Refuse memo indices that no pickle of this length uses, before unpickling.
+
+        The C unpickler grows its memo table to twice the largest index a PUT names and
+        zero-fills it, so a 5-byte ``LONG_BINPUT`` with index 10**9 commits 16 GB. Memo
+        indices are handed out in order, one per memoising opcode, so a real pickle's
+        indices stay below its length. Nothing is executed by the scan.
+        """
+        try:
+            for op, arg, pos in pickletools.genops(data):
+                if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg >= len(data):
+                    raise TorchFormatError(
+                        f"{self.path}: data.pkl stores memo index {arg} (at byte {pos}) in a "
+                        f"{len(data)}-byte pickle; refusing an absurd memo size")
+        except TorchFormatError:
+            raise
+        except Exception as e:  # noqa: BLE001 - genops reports malformed opcodes variously
             raise TorchFormatError(f"{self.path}: data.pkl is not a valid torch pickle "
                                    f"({type(e).__name__}: {e})") from None
 
@@ -270,8 +303,7 @@ class _ArchiveReader:
                 if pos != nbytes or f.read(1):
                     raise TorchFormatError(f"{self.path}: {name} does not hold the {nbytes} "
                                            f"bytes its header records; the file is corrupt")
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError,
-                NotImplementedError) as e:
+        except _ZIP_ERRORS as e:
             raise TorchFormatError(f"{self.path}: cannot read {name} ({e}); the file is "
                                    f"truncated or corrupt: download or save it again") from None
         array = _from_bytes(buf, ref.dtype, self.byteorder)
