@@ -19,7 +19,7 @@ from bayes_transfer.objectives import cross_entropy_loss
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
 from bayes_transfer.swag import SwagConfig, swag_collector, swag_prior
-from bayes_transfer.train import TrainConfig, TrainResult, fit, predict, split_model
+from bayes_transfer.train import TrainConfig, TrainResult, fit, predict
 
 
 @dataclasses.dataclass(frozen=True)
