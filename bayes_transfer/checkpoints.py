@@ -21,12 +21,17 @@ from bayes_transfer.train import TrainResult, split_model
 
 def save_model(result: TrainResult, path, *, extra: dict | None = None) -> Path:
     """Write ``path/model.json`` and ``path/weights`` atomically (temp dir, then rename)."""
+    return write_model_dir(result, path, {"model": btmodels.model_config(result.model),
+                                          **(extra or {})})
+
+
+def write_model_dir(result: TrainResult, path, info: dict) -> Path:
+    """``info`` as ``model.json`` plus the weights (orbax), atomically."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        config = btmodels.model_config(result.model)
-        (tmp / "model.json").write_text(json.dumps({"model": config, **(extra or {})}, indent=2))
+        (tmp / "model.json").write_text(json.dumps(info, indent=2))
         state = {"params": result.state.params, "rest": result.state.rest}
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "weights", state)
@@ -39,22 +44,32 @@ def save_model(result: TrainResult, path, *, extra: dict | None = None) -> Path:
     return path
 
 
-def load_model(path):
-    """(model, info) from a directory written by :func:`save_model`."""
+def read_model_info(path) -> dict:
+    """The ``model.json`` of a saved model directory."""
     path = Path(path)
     meta = path / "model.json"
     if not meta.is_file():
         raise BayesTransferError(f"{path} is not a saved model: {meta.name} is missing (a saved "
                                  f"model directory holds model.json and weights/, as written "
                                  f"by `bayes-transfer train --out DIR`)")
-    info = json.loads(meta.read_text())
-    model = btmodels.create(**info["model"])
+    return json.loads(meta.read_text())
+
+
+def read_weights(path, model):
+    """``model`` (its architecture) with the weights saved in ``path/weights``."""
+    from flax import nnx
+
     graphdef, params, rest = split_model(model)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "rest": rest})
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            state = ckptr.restore((path / "weights").absolute(), abstract)
-    except Exception as e:
-        raise BayesTransferError(f"cannot read the weights in {path / 'weights'}: {e}") from e
-    from flax import nnx
-    return nnx.merge(graphdef, state["params"], state["rest"]), info
+            state = ckptr.restore((Path(path) / "weights").absolute(), abstract)
+    except Exception as e:  # orbax raises many types; the user needs one message
+        raise BayesTransferError(f"cannot read the weights in {Path(path) / 'weights'}: {e}") from e
+    return nnx.merge(graphdef, state["params"], state["rest"])
+
+
+def load_model(path):
+    """(model, info) from a directory written by :func:`save_model`."""
+    info = read_model_info(path)
+    return read_weights(path, btmodels.create(**info["model"])), info

@@ -595,25 +595,12 @@ def _download(url: str, *, key: str, expected: str | None, size: int | None, cac
         except OSError:
             if not dest.is_dir():       # not a concurrent download that finished first
                 raise
-        _fsync_dir(cache)
+        _artifact._fsync_dir(cache)
         return dest
     finally:
         tmp.unlink(missing_ok=True)
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:        # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _download_any(urls, *, key, expected, size, cache, timeout, progress, label) -> Path:

@@ -21,11 +21,8 @@ the decoder (the segmentation "head")::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -305,48 +302,19 @@ def save_overlays(dataset, probs, path, *, indices=None, max_images: int = 4,
 def save_segmentation_model(result: TrainResult, path, *, extra: dict | None = None) -> Path:
     """Write ``path/model.json`` (``{"task": "segmentation", "model": config}``) and the
     weights (orbax), atomically, like ``bayes_transfer.checkpoints.save_model``."""
-    import orbax.checkpoint as ocp
+    from bayes_transfer.checkpoints import write_model_dir
 
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        info = {"task": "segmentation", "model": segmentation_config(result.model),
-                **(extra or {})}
-        (tmp / "model.json").write_text(json.dumps(info, indent=2))
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "weights", {"params": result.state.params,
-                                         "rest": result.state.rest})
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return write_model_dir(result, path, {"task": "segmentation",
+                                          "model": segmentation_config(result.model),
+                                          **(extra or {})})
 
 
 def load_segmentation_model(path):
     """(model, info) from a directory written by :func:`save_segmentation_model`."""
-    import orbax.checkpoint as ocp
-    from flax import nnx
+    from bayes_transfer.checkpoints import read_model_info, read_weights
 
-    from bayes_transfer.train import split_model
-
-    path = Path(path)
-    meta = path / "model.json"
-    if not meta.is_file():
-        raise BayesTransferError(f"{path} is not a saved model: {meta.name} is missing")
-    info = json.loads(meta.read_text())
+    info = read_model_info(path)
     if info.get("task") != "segmentation":
         raise BayesTransferError(f"{path} holds a {info.get('task', 'classification')} model, "
                                  f"not a segmentation model")
-    model = create_segmentation(**info["model"])
-    graphdef, params, rest = split_model(model)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "rest": rest})
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            state = ckptr.restore((path / "weights").absolute(), abstract)
-    except Exception as e:  # orbax raises many types
-        raise BayesTransferError(f"cannot read the weights in {path / 'weights'}: {e}") from e
-    return nnx.merge(graphdef, state["params"], state["rest"]), info
+    return read_weights(path, create_segmentation(**info["model"])), info
