@@ -1,0 +1,92 @@
+"""The experiment runner: a tiny config end to end, resume after a cut, config errors."""
+import json
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bayes_transfer import models
+from bayes_transfer.artifact import save_prior
+from bayes_transfer.errors import BayesTransferError
+from bayes_transfer.params import ParamSpec
+from bayes_transfer.prior import Prior
+from bayes_transfer.train import split_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import run as runner  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def prior_dir(tmp_path_factory):
+    model = models.create("small_cnn", 10, seed=1, width=0.25)
+    _, params, _ = split_model(model)
+    spec = ParamSpec.from_params(params)
+    rng = np.random.default_rng(0)
+    prior = Prior.lowrank(spec, spec.ravel(params),
+                          jnp.asarray(rng.uniform(1e-4, 1e-3, spec.size), jnp.float32),
+                          jnp.asarray(rng.normal(0, 1e-2, (3, spec.size)), jnp.float32))
+    path = tmp_path_factory.mktemp("prior") / "p"
+    save_prior(prior.with_metadata({"architecture": {
+        "arch": "small_cnn", "num_classes": 10, "in_channels": 1, "width": 0.25}}), path)
+    return str(path)
+
+
+def tiny_config(prior_dir):
+    return runner.check_config({
+        "name": "tiny", "priors": {"p": prior_dir}, "target": {"dataset": "digits"},
+        "shots": [2, 4], "seeds": 2, "methods": ["sgld:lowrank", "lowrank", "standard"],
+        "tuning": {"learning_rates": [1e-3, 1e-2], "variances": [1.0], "steps": 3,
+                   "batch_size": 10},
+        "posterior": {"samples": 2, "sgld": {"cycle_steps": 2, "learning_rate": 1e-4}},
+        "reliability": {"shots": 2, "seed": 0}})
+
+
+def test_runner_end_to_end_and_resume_reproduces_a_cut_cell(prior_dir, tmp_path):
+    config = tiny_config(prior_dir)
+    summary = runner.run(config, tmp_path)
+    rows = runner.read_rows(tmp_path / "runs.jsonl")
+    assert len(rows) == 2 * 2 * 3 == len({r["key"] for r in rows})
+    for r in rows:   # every method saw the same lr grid; the choice is one of them
+        assert [t["learning_rate"] for t in r["tuning"]] == [1e-3, 1e-2]
+        assert r["learning_rate"] in (1e-3, 1e-2)
+        assert r["num_train"] == 10 * r["shots"]
+    assert all(r["samples"] == 2 for r in rows if r["method"] == "sgld:lowrank")
+    err = summary["p"]["lowrank"]["2"]["error"]
+    vals = [r["test"]["error"] for r in rows if r["method"] == "lowrank" and r["shots"] == 2]
+    assert err[0] == pytest.approx(np.mean(vals)) and err[3] == 2
+    assert (tmp_path / "fewshot.png").stat().st_size > 1000
+    assert (tmp_path / "reliability.png").stat().st_size > 1000
+    assert "| sgld:lowrank |" in (tmp_path / "summary.md").read_text()
+
+    # A kill mid-write leaves a cut last line: the rerun redoes exactly that cell, alike.
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    (tmp_path / "runs.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])
+    runner.run(config, tmp_path)
+    again = runner.read_rows(tmp_path / "runs.jsonl")
+    assert len(again) == len(rows)
+    assert again[-1]["key"] == rows[-1]["key"]
+    assert again[-1]["test"] == rows[-1]["test"]
+
+
+def test_config_errors_say_what_is_wrong(prior_dir, tmp_path):
+    good = {"name": "x", "priors": {"p": prior_dir}, "target": {"dataset": "digits"},
+            "shots": [2], "seeds": 1, "methods": ["lowrank"]}
+    with pytest.raises(BayesTransferError, match="unknown method 'mcmc:lowrank'"):
+        runner.check_config({**good, "methods": ["mcmc:lowrank"]})
+    with pytest.raises(BayesTransferError, match="missing key 'shots'"):
+        runner.check_config({k: v for k, v in good.items() if k != "shots"})
+    with pytest.raises(BayesTransferError, match="unknown tuning keys"):
+        runner.check_config({**good, "tuning": {"lr": [1]}})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(BayesTransferError, match="not valid JSON"):
+        runner.load_config(bad)
+
+
+def test_committed_configs_are_valid():
+    for path in sorted((Path(runner.ROOT) / "experiments" / "configs").glob("*.json")):
+        config = runner.load_config(path)
+        assert config["seeds"], path
+        json.dumps(config)
