@@ -115,7 +115,8 @@ def cmd_learn_prior(args):
     from bayes_transfer.swag import SwagConfig
 
     classes = _classes(args.classes)
-    splits = data.load(args.dataset, classes=classes, seed=args.seed, data_dir=args.data_dir)
+    splits = data.load(args.dataset, classes=classes, seed=args.seed, data_dir=args.data_dir,
+                       label_noise=args.label_noise, shots_per_class=args.source_shots)
     model = models.create(args.arch, splits.train.num_classes,
                           in_channels=splits.train.images.shape[-1], seed=args.seed)
     train = _train_config(args, desc="source")
@@ -128,7 +129,8 @@ def cmd_learn_prior(args):
         swag_learning_rate=args.swag_lr, swag=SwagConfig(rank=args.rank, every=args.every))
     meta = {"architecture": models.model_config(model),
             "source": {"dataset": args.dataset, "classes": list(classes) if classes else None,
-                       "split": "train", "method": args.method}}
+                       "split": "train", "method": args.method,
+                       "label_noise": args.label_noise, "images": len(splits.train)}}
     prior, _ = learn_prior(model, splits, config, checkpoint_dir=args.checkpoint_dir,
                            metadata=meta, **loss_kw)
     if args.dtype == "bfloat16":
@@ -238,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="supervised", choices=["supervised", "simclr"],
                    help="source objective: cross-entropy, or SimCLR's NT-Xent (τ=0.2, a "
                         "projection head outside the prior; reports a linear-probe accuracy)")
+    p.add_argument("--label-noise", type=float, default=0.0,
+                   help="replace this fraction of source training labels by wrong ones "
+                        "(source-quality studies)")
+    p.add_argument("--source-shots", type=int, default=None,
+                   help="use only this many source images per class (source-size studies)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--overwrite", action="store_true")

@@ -9,7 +9,7 @@ seed, every method gets the same steps and the same grid of effective prior vari
 
     python experiments/segmentation.py                      # the study (32 min measured on
                                                             # 2 CPU cores shared with other jobs)
-    python experiments/segmentation.py --prior /path/to/prior --quick   # smoke run
+    python experiments/segmentation.py --prior mine=/path/to/prior --quick   # smoke run
 
 Writes ``experiments/results/segmentation.json`` (config, every run, the table) and
 ``experiments/results/segmentation.md`` (mean ± sd of test mIoU over seeds).
@@ -36,7 +36,10 @@ RESULTS = ROOT / "experiments" / "results"
 
 # Configs are plain Python (big_vision style).
 CONFIG = {
-    "prior": "fashion-mnist/small-cnn",
+    # Each prior gets every method (standard fine-tuning and L2-SP start from, and pull
+    # toward, that prior's mean, so they differ per prior too).
+    "priors": {"supervised": "fashion-mnist/small-cnn",
+               "simclr": "fashion-mnist/small-cnn-simclr"},
     "methods": ("standard", "l2sp", "lowrank"),
     "seeds": (0, 1, 2),
     "tasks": (
@@ -101,20 +104,25 @@ def summarize(rows: list[dict], methods) -> dict:
                   for m, v in per.items()} for key, per in table.items()}
 
 
-def markdown(table: dict, methods, prior_desc: str, cfg: dict) -> str:
+def markdown(tables: dict, methods, priors: dict, cfg: dict) -> str:
     names = {"standard": "standard fine-tuning", "l2sp": "L2-SP", "lowrank": "learned prior "
              "(SWAG low-rank)"}
-    lines = [f"Test mIoU, mean ± sd over seeds {list(cfg['seeds'])} (prior: {prior_desc}; "
-             f"{cfg['steps']} steps, λ by validation {cfg['select_by']})", "",
-             "| task | " + " | ".join(names.get(m, m) for m in methods) + " |",
-             "|---|" + "---|" * len(methods)]
-    for key, per in table.items():
-        cells = []
-        for m in methods:
-            e = per[m]
-            sd = "" if math.isnan(e["sd"]) else f" ± {e['sd']:.3f}"
-            cells.append(f"{e['mean']:.3f}{sd}")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines = [f"Test mIoU, mean ± sd over seeds {list(cfg['seeds'])} ({cfg['steps']} steps, "
+             f"λ by validation {cfg['select_by']}). Priors: "
+             + ", ".join(f"{label} = `{ref}`" for label, ref in priors.items()), "",
+             "| task | prior | " + " | ".join(names.get(m, m) for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    keys = list(dict.fromkeys(k for table in tables.values() for k in table))
+    for key in keys:
+        for label, table in tables.items():
+            if key not in table:
+                continue
+            cells = []
+            for m in methods:
+                e = table[key][m]
+                sd = "" if math.isnan(e["sd"]) else f" ± {e['sd']:.3f}"
+                cells.append(f"{e['mean']:.3f}{sd}")
+            lines.append(f"| {key} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,8 +138,9 @@ def _jsonable(x):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prior", default=None, help="prior name, path or URL "
-                        "(default: the published fashion-mnist/small-cnn)")
+    parser.add_argument("--prior", action="append", default=None, metavar="LABEL=REF",
+                        help="a prior (name, path or URL) under a label; repeat for several "
+                             "(default: the published supervised and SimCLR small-CNN priors)")
     parser.add_argument("--quick", action="store_true", help="one seed, few steps (smoke)")
     parser.add_argument("--out", default=str(RESULTS / "segmentation"),
                         help="output stem (.json and .md are added)")
@@ -141,40 +150,44 @@ def main(argv=None) -> int:
     cfg = QUICK if args.quick else CONFIG
     from bayes_transfer.demo import resolve_prior
 
-    ref = args.prior or cfg["prior"]
-    prior = resolve_prior(ref)
-    meta = prior.metadata
-    print(f"prior {ref}: {prior}; source {meta.get('source')}")
+    refs = cfg["priors"]
+    if args.prior:
+        refs = dict(p.split("=", 1) if "=" in p else (p, p) for p in args.prior)
     t0 = time.perf_counter()
-    rows = []
-    for task, num_train, options in cfg["tasks"]:
-        for seed in cfg["seeds"]:
-            try:
-                cell = run_cell(prior, task, num_train, options, seed, cfg)
-            except DatasetNotFoundError as e:
-                print(f"skipping {task}: {e}")
-                break
-            rows.append({"task": task, "num_train": num_train, "seed": seed,
-                         "runs": cell["runs"]})
-            if args.overlays and seed == cfg["seeds"][0] and "lowrank" in cell["runs"]:
-                run = cell["runs"]["lowrank"]
-                path = Path(args.out).parent / f"segmentation-{task}-{num_train}.png"
-                seg.save_overlays(cell["splits"].test, run["test_probs"], path, max_images=3,
-                                  window=192, dpi=100,
-                                  title=f"{task}, {num_train} training images, learned prior: "
-                                        f"test mIoU {run['test']['miou']:.3f}")
-            for run in cell["runs"].values():
-                run.pop("test_probs")
-    table = summarize(rows, cfg["methods"])
-    prior_desc = f"`{ref}`" + (f", {meta['note']}" if "note" in meta else "")
-    md = markdown(table, cfg["methods"], prior_desc, cfg)
+    rows, tables, prior_info = [], {}, {}
+    for label, ref in refs.items():
+        prior = resolve_prior(ref)
+        meta = prior.metadata
+        prior_info[label] = {"ref": ref, "kind": prior.kind, "dim": prior.dim,
+                             "rank": prior.rank, "metadata": meta}
+        print(f"prior {label} = {ref}: {prior}; source {meta.get('source')}")
+        prior_rows = []
+        for task, num_train, options in cfg["tasks"]:
+            for seed in cfg["seeds"]:
+                try:
+                    cell = run_cell(prior, task, num_train, options, seed, cfg)
+                except DatasetNotFoundError as e:
+                    print(f"skipping {task}: {e}")
+                    break
+                prior_rows.append({"prior": label, "task": task, "num_train": num_train,
+                                   "seed": seed, "runs": cell["runs"]})
+                if args.overlays and seed == cfg["seeds"][0] and "lowrank" in cell["runs"]:
+                    run = cell["runs"]["lowrank"]
+                    path = Path(args.out).parent / f"segmentation-{label}-{task}-{num_train}.png"
+                    seg.save_overlays(cell["splits"].test, run["test_probs"], path,
+                                      max_images=3, window=192, dpi=100,
+                                      title=f"{task}, {num_train} training images, {label} "
+                                            f"prior: test mIoU {run['test']['miou']:.3f}")
+                for run in cell["runs"].values():
+                    run.pop("test_probs")
+        tables[label] = summarize(prior_rows, cfg["methods"])
+        rows += prior_rows
+    md = markdown(tables, cfg["methods"], refs, cfg)
     print()
     print(md)
     seconds = time.perf_counter() - t0
-    report = {"config": _jsonable(cfg),
-              "prior": {"ref": ref, "kind": prior.kind, "dim": prior.dim, "rank": prior.rank,
-                        "metadata": meta},
-              "table": table, "runs": rows, "seconds": seconds,
+    report = {"config": _jsonable(cfg), "priors": prior_info, "table": tables, "runs": rows,
+              "seconds": seconds,
               "machine": {"python": platform.python_version(), "cpu": platform.processor(),
                           "node": platform.machine()}}
     out = Path(args.out)
