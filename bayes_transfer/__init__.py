@@ -20,6 +20,7 @@ from bayes_transfer.objectives import map_loss
 from bayes_transfer.params import BACKBONE_RULE, ParamSpec
 from bayes_transfer.prior import METHODS, Prior
 from bayes_transfer.swag import SwagConfig, swag_collector, swag_prior
+from bayes_transfer.suggest import Suggestion, suggest
 from bayes_transfer.train import TrainConfig, TrainResult, fit, predict
 
 __version__ = "0.1.0"
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKBONE_RULE", "BayesTransferError", "FinetuneConfig", "FinetuneResult",
     "LearnPriorConfig", "METHODS", "ParamSpec", "Prior", "PriorError", "SpecMismatchError",
-    "SwagConfig", "TrainConfig", "TrainResult", "data", "finetune", "fit", "learn_prior",
-    "load_prior", "map_loss", "metrics", "models", "predict", "save_prior", "swag_collector",
-    "swag_prior", "verify_artifact",
+    "Suggestion", "SwagConfig", "TrainConfig", "TrainResult", "data", "finetune", "fit",
+    "learn_prior", "load_prior", "map_loss", "metrics", "models", "predict", "save_prior",
+    "suggest", "swag_collector", "swag_prior", "verify_artifact",
 ]

@@ -11,19 +11,26 @@ after the choice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
+import warnings
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
+from bayes_transfer import data as btdata
 from bayes_transfer import metrics as btmetrics
 from bayes_transfer.errors import BayesTransferError
 from bayes_transfer.objectives import map_loss
+from bayes_transfer.params import BACKBONE_RULE, ParamSpec, flatten_with_paths, map_with_paths
 from bayes_transfer.prior import METHODS, Prior
-from bayes_transfer.train import TrainConfig, TrainResult, fit, predict, split_model
+from bayes_transfer.train import (TrainConfig, TrainResult, fit, make_optimizer, predict,
+                                  split_model)
 
 #: Effective prior variances tried for every method (besides the no-prior limit).
 #: With d ≈ 1e5 covered weights and N ≈ 100 examples the prior term dominates the
@@ -36,7 +43,18 @@ HIGHER_IS_BETTER = frozenset({"accuracy", "miou", "pixel_accuracy"})
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Settings shared by every fine-tuning method (the same budget for each)."""
+    """Settings shared by every fine-tuning method (the same budget for each).
+
+    Non-binary transfer: ``reinit_top=k`` re-initialises the top k blocks of
+    :func:`backbone_blocks` (they keep the values of the model passed to
+    :func:`finetune`, a fresh initialisation) and takes them out of the prior (its
+    marginal on the other leaves, :func:`restrict_prior`; the λ grid is then relative
+    to the kept leaves' variances). ``layer_lr`` multiplies the learning rate of the
+    parameters the (restricted) prior covers, the transferred ones, relative to the
+    head and the re-initialised blocks (0 freezes them; BatchNorm statistics still
+    adapt). ``l2`` adds a plain L2 on every trainable parameter (:func:`with_l2`), so
+    ``method="l2sp"`` with ``l2 > 0`` is L2-SP + L2. The defaults change nothing.
+    """
 
     # Adam, not SGD: a strong learned prior is a stiff quadratic (curvature up to
     # 1/(λ·var_min·N)) on which SGD at a usable learning rate diverges.
@@ -47,6 +65,13 @@ class FinetuneConfig:
     include_no_prior: bool = True
     select_by: str = "nll"           # validation metric optimised by the choice of λ
                                      # (maximised if in HIGHER_IS_BETTER, else minimised)
+    # Non-binary transfer (the defaults transfer the whole backbone, as above):
+    reinit_top: int = 0              # keep the top k backbone blocks at the model's fresh
+                                     # initialisation, outside the prior (backbone_blocks)
+    layer_lr: float = 1.0            # learning-rate multiplier of the transferred (prior-
+                                     # covered) parameters relative to the head's
+    l2: float = 0.0                  # plain L2, ½·l2·‖θ‖² over every trainable parameter,
+                                     # on top of the prior (L2-SP + L2) and head_decay
 
 
 @dataclasses.dataclass
@@ -118,8 +143,11 @@ def finetune(
     method_prior = prior.for_method(method)
     _, params, _ = split_model(model)
     params = prior.init_params(params)
+    params, method_prior = _reinit_top(model, params, method_prior, config.reinit_top)
     num_train = len(splits.train)
     loss = _loss(num_train, config.head_decay) if loss_fn is None else loss_fn
+    loss = with_l2(loss, config.l2)
+    optimizer = _layer_lr_optimizer(config, num_train, method_prior.spec.paths)
     evaluate = evaluate_classification if evaluate is None else evaluate
     sign = -1.0 if config.select_by in HIGHER_IS_BETTER else 1.0
     if scale == "auto":
@@ -136,7 +164,8 @@ def finetune(
         else:
             aux = method_prior.rescale(lam)
             result = fit(model, splits.train, loss, dataclasses.replace(
-                config.train, desc=f"{method} λ={lam:.3g}"), aux=aux, params=params)
+                config.train, desc=f"{method} λ={lam:.3g}"), aux=aux, params=params,
+                optimizer=optimizer)
             val, _ = evaluate(result, splits.val)
             if config.select_by not in val:
                 raise BayesTransferError(f"select_by={config.select_by!r} is not a validation "
@@ -171,3 +200,156 @@ def _loss(num_train: int, head_decay: float):
     if key not in _LOSSES:
         _LOSSES[key] = map_loss(num_train, head_decay=head_decay)
     return _LOSSES[key]
+
+
+# ---------------------------------------------------------------------- non-binary transfer
+def backbone_blocks(params, rule: str = BACKBONE_RULE) -> list[tuple[str, tuple[str, ...]]]:
+    """The backbone's blocks, from the input to the output: ``[(name, leaf paths), ...]``.
+
+    A block is the path prefix up to the first run of integer components after
+    ``backbone/``: ``stages/2/0`` for small_cnn (``backbone/stages/<stage>/<block>/...``),
+    ``layer3/2`` for the ResNets (``backbone/layer<i>/<block>/...``; a block's downsample
+    belongs to it). Leaves with no integer component (the ResNet stem ``conv1``/``bn1``)
+    form one first block, ``stem``. Blocks are ordered by their names with numbers
+    compared as numbers.
+    """
+    pattern = re.compile(rule)
+    groups: dict[str, list[str]] = {}
+    for path in flatten_with_paths(params):
+        if not pattern.search(path):
+            continue
+        parts = path.split("/")[1:]
+        first = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if first is None:
+            name = "stem"
+        else:
+            last = first
+            while last + 1 < len(parts) - 1 and parts[last + 1].isdigit():
+                last += 1
+            name = "/".join(parts[:last + 1])
+        groups.setdefault(name, []).append(path)
+
+    def order(name):
+        if name == "stem":
+            return (0,)
+        return (1,) + tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
+                            for t in re.split(r"(\d+)", name))
+
+    return [(name, tuple(groups[name])) for name in sorted(groups, key=order)]
+
+
+def top_block_paths(params, k: int, rule: str = BACKBONE_RULE) -> tuple[str, ...]:
+    """Leaf paths of the top (output-side) ``k`` blocks of :func:`backbone_blocks`."""
+    if k <= 0:
+        return ()
+    blocks = backbone_blocks(params, rule)
+    if k > len(blocks):
+        raise BayesTransferError(f"reinit_top={k}, but the backbone has {len(blocks)} blocks: "
+                                 f"{', '.join(name for name, _ in blocks)}")
+    return tuple(p for _, paths in blocks[-k:] for p in paths)
+
+
+def restrict_prior(prior: Prior, drop: tuple[str, ...]) -> Prior:
+    """The marginal of ``prior`` on its covered leaves other than ``drop``.
+
+    A Gaussian's marginal keeps the mean, the variances and the deviation columns of
+    the kept coordinates, so every kind stays the same kind; λ, ε and the metadata are
+    kept. The spec's rule excludes the dropped leaves (``spec.check`` still passes).
+    """
+    drop = tuple(p for p in prior.spec.paths if p in set(drop))
+    if not drop:
+        return prior
+    spec = prior.spec
+    keep = [i for i, p in enumerate(spec.paths) if p not in set(drop)]
+    if not keep:
+        raise BayesTransferError("the re-initialised blocks are every parameter the prior "
+                                 "covers; use method='standard' and a fresh model instead")
+    o = spec.offsets
+    index = np.concatenate([np.arange(o[i], o[i + 1]) for i in keep])
+    alt = "|".join(re.escape(p) for p in drop)
+    new_spec = ParamSpec(paths=tuple(spec.paths[i] for i in keep),
+                         shapes=tuple(spec.shapes[i] for i in keep),
+                         dtypes=tuple(spec.dtypes[i] for i in keep),
+                         rule=f"^(?!(?:{alt})$)(?=.*?(?:{spec.rule}))")
+    sub = lambda x: x if x is None or x.ndim == 0 else x[..., index]  # noqa: E731
+    if prior.kind == "flat":
+        new = Prior.flat(new_spec, sub(prior.mean))
+    elif prior.kind == "isotropic":
+        new = Prior.isotropic(new_spec, sub(prior.mean), prior.var, scale=prior.scale,
+                              floor=prior.floor)
+    elif prior.kind == "diag":
+        new = Prior.diagonal(new_spec, sub(prior.mean), sub(prior.var), scale=prior.scale,
+                             floor=prior.floor)
+    else:
+        new = Prior.lowrank(new_spec, sub(prior.mean), sub(prior.var), sub(prior.deviations),
+                            scale=prior.scale, floor=prior.floor)
+    return dataclasses.replace(new, info=prior.info)
+
+
+def _reinit_top(model, params, prior: Prior, k: int):
+    """(params with the top k blocks back at ``model``'s values, the prior without them)."""
+    if not k:
+        return params, prior
+    _, fresh, _ = split_model(model)
+    paths = top_block_paths(params, k, prior.spec.rule)
+    fresh_leaves = flatten_with_paths(fresh)
+    if all(np.array_equal(np.asarray(fresh_leaves[p]), np.asarray(x))
+           for p, x in flatten_with_paths(params).items() if p in paths):
+        warnings.warn("reinit_top: the model passed to finetune already holds the prior "
+                      "mean in the re-initialised blocks, so they are not re-initialised; "
+                      "pass a freshly initialised model", stacklevel=3)
+    params = map_with_paths(lambda p, x: fresh_leaves[p] if p in paths else x, params)
+    return params, restrict_prior(prior, paths)
+
+
+def with_l2(loss_fn: Callable, l2: float) -> Callable:
+    """``loss_fn`` plus ½·l2·‖θ‖² over every trainable parameter (``loss_fn`` if l2 = 0).
+
+    The term is also reported as the metric ``"l2"``. One object per (loss, l2), so the
+    compiled training step is reused across a λ sweep.
+    """
+    if not l2:
+        return loss_fn
+    key = (loss_fn, float(l2))
+    if key not in _L2_LOSSES:
+        def loss(apply, params, rest, batch, key, aux):
+            value, (rest, metrics) = loss_fn(apply, params, rest, batch, key, aux)
+            term = 0.5 * l2 * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params))
+            return value + term, (rest, dict(metrics, l2=term))
+        _L2_LOSSES[key] = loss
+    return _L2_LOSSES[key]
+
+
+_L2_LOSSES: dict = {}
+
+
+def scale_updates_of(paths, factor: float) -> optax.GradientTransformation:
+    """Multiply the updates of the leaves at ``paths`` by ``factor`` (others unchanged).
+
+    Chained after an optimizer it multiplies those leaves' learning rate: exactly for
+    SGD (momentum included) and Adam, whose updates are linear in the learning rate.
+    """
+    paths = frozenset(paths)
+
+    def update(updates, state, params=None):
+        return map_with_paths(lambda p, u: u * factor if p in paths else u, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+@functools.lru_cache(maxsize=32)
+def _scaled_optimizer(tx, paths: tuple[str, ...], factor: float):
+    # cached: the same (optimizer, paths, factor) object reuses the compiled step
+    return optax.chain(tx, scale_updates_of(paths, factor))
+
+
+def _layer_lr_optimizer(config: FinetuneConfig, num_train: int, paths):
+    """None (fit's own optimizer) unless ``config.layer_lr != 1``."""
+    if config.layer_lr == 1.0:
+        return None
+    if config.layer_lr < 0 or not math.isfinite(config.layer_lr):
+        raise BayesTransferError(f"layer_lr must be a finite number >= 0, got {config.layer_lr}")
+    train = config.train
+    # the same number of steps as fit computes, so the schedule is the same
+    total = max(1, math.ceil(train.epochs * btdata.num_batches(num_train, train.batch_size)))
+    return _scaled_optimizer(make_optimizer(train, total), tuple(paths), float(config.layer_lr))

@@ -1,0 +1,160 @@
+"""``bayes_transfer.suggest``: fine-tuning settings proposed from a transferability
+measure computed before fine-tuning.
+
+The measure is kNN accuracy of the prior's backbone features on the target's labelled
+splits (train + validation, leave-one-out; ``bayes_transfer.transferability``),
+normalised so that chance is 0 and perfect is 1:  q = (knn − 1/C)/(1 − 1/C). By default
+the same is measured with a freshly initialised backbone of the same architecture,
+and the *gain* g = q − q_random says whether the source features beat random ones.
+LogME is computed and reported too; the rule does not read it (its scale depends on
+the feature dimension and n, so it has no threshold that carries across targets).
+
+The rule (simple on purpose; ``experiments/`` checks it against sweeps):
+
+1. **Prior strength.** With the effective variances v₁ < … < v_m of the fine-tuning
+   grid (``FinetuneConfig.variances``; small v = strong prior), the suggestion is
+   v_i with i = round((1 − q)·(m − 1)): features that already separate the target
+   classes (q → 1) keep the backbone close to the prior mean, poor ones (q → 0) get
+   the weakest prior. If the gain is ≤ ``min_gain`` (the source features are no
+   better than random ones) the weakest prior is suggested whatever q is.
+2. **Re-initialisation.** ``reinit_top = 1`` (the top backbone block starts fresh and
+   leaves the prior) when q < ``reinit_below`` or the gain is ≤ ``min_gain``; else 0.
+3. **Layer-wise learning rate.** Not suggested: ``layer_lr = 1``.
+
+Example::
+
+    s = bt.suggest(prior, splits)
+    print(s.explain())
+    result = bt.finetune(model, splits, prior, "lowrank", config=s.finetune_config())
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+from flax import nnx
+
+from bayes_transfer.errors import BayesTransferError
+from bayes_transfer.inference.map import DEFAULT_VARIANCES, FinetuneConfig
+from bayes_transfer.transferability import transferability
+
+__all__ = ["Suggestion", "suggest"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Suggestion:
+    """Suggested fine-tuning settings and the measures they came from.
+
+    ``variance`` is an effective prior variance v (λ = v / mean diag Σ₀ for each
+    method, :meth:`scale`); ``measures`` holds ``logme``, ``knn``, ``knn_normalized``
+    (q) and, with a baseline, the same for a random backbone (``*_random``) and
+    ``gain``.
+    """
+
+    measures: dict
+    variance: float
+    reinit_top: int
+    layer_lr: float
+    reasons: tuple[str, ...]
+
+    @property
+    def score(self) -> float:
+        """q, the normalised kNN accuracy the rule reads."""
+        return self.measures["knn_normalized"]
+
+    def scale(self, prior, method: str = "lowrank") -> float:
+        """λ for ``method``'s prior: ``variance / mean(diag Σ₀)`` (inf for no prior)."""
+        method_prior = prior.for_method(method)
+        if method_prior.kind == "flat" or math.isinf(self.variance):
+            return math.inf
+        return self.variance / float(jnp.mean(method_prior.base_variance()))
+
+    def finetune_config(self, base: FinetuneConfig = FinetuneConfig()) -> FinetuneConfig:
+        """``base`` with the suggested settings: a one-point λ grid (v), no no-prior run."""
+        return dataclasses.replace(base, variances=(self.variance,), include_no_prior=False,
+                                   reinit_top=self.reinit_top, layer_lr=self.layer_lr)
+
+    def as_dict(self) -> dict:
+        return {**self.measures, "variance": self.variance, "reinit_top": self.reinit_top,
+                "layer_lr": self.layer_lr}
+
+    def explain(self) -> str:
+        m = self.measures
+        lines = [f"kNN accuracy of the prior's features: {m['knn']:.3f} (chance "
+                 f"{m['knn_chance']:.3f}; normalised q = {m['knn_normalized']:.3f}) on "
+                 f"{m['num_examples']} labelled target examples; LogME {m['logme']:.4f}."]
+        if "knn_random" in m:
+            lines.append(f"A random backbone of the same architecture: kNN {m['knn_random']:.3f} "
+                         f"(q = {m['knn_normalized_random']:.3f}), LogME "
+                         f"{m['logme_random']:.4f}; gain in q: {m['gain']:+.3f}.")
+        lines += list(self.reasons)
+        lines.append(f"Suggested: effective prior variance {self.variance:g}, reinit_top="
+                     f"{self.reinit_top}, layer_lr={self.layer_lr:g}.")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain()
+
+
+def suggest(prior_or_model, target_splits, *, model: nnx.Module | None = None,
+            variances: tuple[float, ...] = DEFAULT_VARIANCES, k: int = 5,
+            baseline: bool = True, reinit_below: float = 0.5, min_gain: float = 0.0,
+            seed: int = 0) -> Suggestion:
+    """Propose fine-tuning settings for ``target_splits`` from a transferability measure
+    (module docstring: the measure and the rule).
+
+    Args:
+      prior_or_model: a ``Prior`` (features at its mean; the model comes from ``model``
+        or the prior's architecture metadata) or a model holding pretrained weights.
+      target_splits: the target task (``train`` and ``val`` are read, never ``test``).
+      variances: the effective-variance grid the suggestion picks from.
+      k: neighbours of the kNN measure.
+      baseline: also measure a freshly initialised backbone (seed ``seed + 1``), for the
+        gain; skipped for a model that is not a ``bayes_transfer`` classifier.
+      reinit_below: q under which the top block is re-initialised.
+      min_gain: a gain at or below it counts as "no better than random".
+    """
+    if not variances:
+        raise BayesTransferError("suggest needs at least one candidate variance")
+    measures = dict(transferability(prior_or_model, target_splits, model=model, k=k))
+    random_model = _random_model(prior_or_model, model, seed + 1) if baseline else None
+    if random_model is not None:
+        rnd = transferability(random_model, target_splits, k=k)
+        measures.update(logme_random=rnd["logme"], knn_random=rnd["knn"],
+                        knn_normalized_random=rnd["knn_normalized"],
+                        gain=measures["knn_normalized"] - rnd["knn_normalized"])
+    q = min(max(measures["knn_normalized"], 0.0), 1.0)
+    grid = sorted(float(v) for v in variances)
+    no_gain = "gain" in measures and measures["gain"] <= min_gain
+    reasons = []
+    if no_gain:
+        variance = grid[-1]
+        reasons.append(f"The source features are no better than random ones (gain "
+                       f"{measures['gain']:+.3f} <= {min_gain:g}): weakest prior of the grid.")
+    else:
+        index = int(round((1.0 - q) * (len(grid) - 1)))
+        variance = grid[index]
+        reasons.append(f"q = {q:.3f} maps to grid position round((1 - q)·{len(grid) - 1}) = "
+                       f"{index} of {grid} (small variance = strong prior).")
+    reinit = 1 if (no_gain or q < reinit_below) else 0
+    reasons.append(f"reinit_top={reinit}: " + (
+        "the top block starts fresh, outside the prior." if reinit else
+        f"q >= {reinit_below:g} and the features beat random ones, so every block is "
+        f"transferred."))
+    return Suggestion(measures=measures, variance=variance, reinit_top=reinit, layer_lr=1.0,
+                      reasons=tuple(reasons))
+
+
+def _random_model(prior_or_model, model, seed: int):
+    """A freshly initialised model of the same architecture, or None if unknown."""
+    from bayes_transfer import models
+    from bayes_transfer.prior import Prior
+
+    if model is None and isinstance(prior_or_model, Prior):
+        arch = prior_or_model.metadata.get("architecture")
+        return models.create(**{**arch, "seed": seed}) if arch else None
+    source = model if model is not None else prior_or_model
+    if isinstance(source, models.Classifier):
+        return models.create(**{**models.model_config(source), "seed": seed})
+    return None
