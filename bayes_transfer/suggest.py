@@ -48,8 +48,8 @@ class Suggestion:
 
     ``variance`` is an effective prior variance v (λ = v / mean diag Σ₀ for each
     method, :meth:`scale`); ``measures`` holds ``logme``, ``knn``, ``knn_normalized``
-    (q) and, with a baseline, the same for a random backbone (``*_random``) and
-    ``gain``.
+    (q) and, with a baseline, the same for a random backbone (``*_random``), ``gain``
+    (q − q_random) and ``logme_gain``.
     """
 
     measures: dict
@@ -87,7 +87,8 @@ class Suggestion:
         if "knn_random" in m:
             lines.append(f"A random backbone of the same architecture: kNN {m['knn_random']:.3f} "
                          f"(q = {m['knn_normalized_random']:.3f}), LogME "
-                         f"{m['logme_random']:.4f}; gain in q: {m['gain']:+.3f}.")
+                         f"{m['logme_random']:.4f}; gain in q: {m['gain']:+.3f}, in LogME: "
+                         f"{m['logme_gain']:+.4f}.")
         lines += list(self.reasons)
         lines.append(f"Suggested: effective prior variance {self.variance:g}, reinit_top="
                      f"{self.reinit_top}, layer_lr={self.layer_lr:g}.")
@@ -123,7 +124,8 @@ def suggest(prior_or_model, target_splits, *, model: nnx.Module | None = None,
         rnd = transferability(random_model, target_splits, k=k)
         measures.update(logme_random=rnd["logme"], knn_random=rnd["knn"],
                         knn_normalized_random=rnd["knn_normalized"],
-                        gain=measures["knn_normalized"] - rnd["knn_normalized"])
+                        gain=measures["knn_normalized"] - rnd["knn_normalized"],
+                        logme_gain=measures["logme"] - rnd["logme"])
     q = min(max(measures["knn_normalized"], 0.0), 1.0)
     grid = sorted(float(v) for v in variances)
     no_gain = "gain" in measures and measures["gain"] <= min_gain
