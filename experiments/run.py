@@ -21,7 +21,9 @@ A config is a JSON file (see ``experiments/configs/``)::
 Methods: a name of ``Prior.for_method`` (``standard, l2, l2sp, isotropic, diag,
 lowrank``) is MAP fine-tuning; ``sgld:M`` and ``swag:M`` are the Bayesian model average
 of SGLD / downstream-SWAG samples under prior M, started from M's MAP solution with its
-λ. The tuning budget is the same for every method: each learning rate × each effective
+λ. A config's ``"variants"`` name further MAP methods: ``{"lowrank-reinit1": {"method":
+"lowrank", "reinit_top": 1}}``, any ``FinetuneConfig`` field (``reinit_top``,
+``layer_lr``, ``l2``) on top of a base method (non-binary transfer). The tuning budget is the same for every method: each learning rate × each effective
 prior variance (plus the no-prior limit), ``steps`` optimizer steps each, chosen on the
 validation split (``select_by``); the test split is read only for the chosen run. The
 samplers take the MAP run's λ and learning-rate choice; their own settings are fixed in
@@ -35,6 +37,7 @@ output directory and flushed, so a rerun skips what is done. At the end the runn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -76,9 +79,21 @@ def check_config(config: dict, where: str = "config") -> dict:
             raise BayesTransferError(f"{where}: missing key {key!r}")
     if not isinstance(config["priors"], dict) or not config["priors"]:
         raise BayesTransferError(f"{where}: 'priors' must map labels to prior names/paths")
+    variants = config.setdefault("variants", {})
+    for name, variant in variants.items():
+        if variant.get("method") not in METHODS:
+            raise BayesTransferError(f"{where}: variant {name!r} needs a 'method', one of "
+                                     f"{METHODS}")
+        unknown = set(variant) - {"method", "reinit_top", "layer_lr", "l2"}
+        if unknown:
+            raise BayesTransferError(f"{where}: variant {name!r} has unknown keys "
+                                     f"{sorted(unknown)}; use reinit_top, layer_lr, l2")
     for method in config["methods"]:
         sampler, _, base = method.rpartition(":")
-        if base not in METHODS or (sampler and sampler not in SAMPLERS):
+        if sampler and base in variants:
+            raise BayesTransferError(f"{where}: {method!r}: samplers run under a base prior "
+                                     f"method ({METHODS}), not a variant")
+        if (base not in METHODS and base not in variants) or (sampler and sampler not in SAMPLERS):
             raise BayesTransferError(
                 f"{where}: unknown method {method!r}; use one of {METHODS}, or "
                 f"'sgld:M' / 'swag:M' with M one of them")
@@ -113,18 +128,24 @@ def finetune_config(tuning: dict, lr: float, num_train: int, seed: int):
                           variances=tuple(tuning["variances"]), select_by=tuning["select_by"])
 
 
-def tuned_map(prior, splits, method: str, tuning: dict, seed: int, caches: dict):
+def tuned_map(prior, splits, method: str, tuning: dict, seed: int, caches: dict,
+              variant: dict | None = None):
     """MAP fine-tuning with the shared budget: every lr × every λ, best on validation."""
     from bayes_transfer.demo import model_for
     from bayes_transfer.inference.map import HIGHER_IS_BETTER, finetune
 
+    options = dict(variant or {})
+    method = options.pop("method", method)
+    # The no-prior run is shared only between methods that start alike.
+    cache_key = tuple(sorted(options.items()))
     sign = -1.0 if tuning["select_by"] in HIGHER_IS_BETTER else 1.0
     best, trials = None, []
     for lr in tuning["learning_rates"]:
         model = model_for(prior, splits.train.num_classes, seed)
-        config = finetune_config(tuning, lr, len(splits.train), seed)
+        config = dataclasses.replace(finetune_config(tuning, lr, len(splits.train), seed),
+                                     **options)
         res = finetune(model, splits, prior, method, config=config,
-                       cache=caches.setdefault(lr, {}))
+                       cache=caches.setdefault((lr, cache_key), {}))
         value = sign * res.val_metrics[tuning["select_by"]]
         trials.append({"learning_rate": lr, "scale": res.scale, "val": res.val_metrics,
                        "sweep": res.sweep})
@@ -139,7 +160,8 @@ def run_cell(prior, splits, method: str, config: dict, seed: int, maps: dict, ca
     tuning = config["tuning"]
     sampler, _, base = method.rpartition(":")
     if base not in maps:
-        maps[base] = tuned_map(prior, splits, base, tuning, seed, caches)
+        maps[base] = tuned_map(prior, splits, base, tuning, seed, caches,
+                               config["variants"].get(base))
     res, lr, map_config, trials = maps[base]
     row = {"learning_rate": lr, "scale": res.scale, "tuning": trials}
     if not sampler:

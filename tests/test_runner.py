@@ -79,6 +79,15 @@ def test_config_errors_say_what_is_wrong(prior_dir, tmp_path):
         runner.check_config({k: v for k, v in good.items() if k != "shots"})
     with pytest.raises(BayesTransferError, match="unknown tuning keys"):
         runner.check_config({**good, "tuning": {"lr": [1]}})
+    with pytest.raises(BayesTransferError, match="variant 'x1' has unknown keys"):
+        runner.check_config({**good, "methods": ["x1"],
+                             "variants": {"x1": {"method": "lowrank", "reinit": 1}}})
+    with pytest.raises(BayesTransferError, match="samplers run under a base prior"):
+        runner.check_config({**good, "methods": ["sgld:x1"],
+                             "variants": {"x1": {"method": "lowrank", "reinit_top": 1}}})
+    ok = runner.check_config({**good, "methods": ["x1"],
+                              "variants": {"x1": {"method": "l2sp", "l2": 1e-4}}})
+    assert ok["variants"]["x1"]["l2"] == 1e-4
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(BayesTransferError, match="not valid JSON"):
