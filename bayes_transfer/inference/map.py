@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import warnings
 from typing import Callable
@@ -118,6 +119,7 @@ def finetune(
     cache: dict | None = None,
     loss_fn: Callable | None = None,
     evaluate: Callable[[TrainResult, object], tuple[dict, np.ndarray | None]] | None = None,
+    checkpoint_dir: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``splits.train`` under ``prior.for_method(method)``.
 
@@ -131,6 +133,11 @@ def finetune(
     and ``evaluate(result, dataset) -> (metrics, probs)`` replaces the classification
     metrics (``config.select_by`` must be one of its keys). See
     ``bayes_transfer.segmentation.finetune_segmentation``.
+
+    ``checkpoint_dir`` makes the sweep resumable after a preemption: each candidate run
+    checkpoints in its own sub-directory (``{method}-lam{λ}``), so a rerun restores the
+    finished runs and continues the interrupted one, with the same result as an
+    uninterrupted sweep (a restored run's ``history`` only holds the epochs it ran).
 
     Example::
 
@@ -163,9 +170,11 @@ def finetune(
             run = cache[key]
         else:
             aux = method_prior.rescale(lam)
+            ckpt = (None if checkpoint_dir is None
+                    else os.path.join(checkpoint_dir, f"{method}-lam{lam:.6g}"))
             result = fit(model, splits.train, loss, dataclasses.replace(
-                config.train, desc=f"{method} λ={lam:.3g}"), aux=aux, params=params,
-                optimizer=optimizer)
+                config.train, desc=f"{method} λ={lam:.3g}", checkpoint_dir=ckpt),
+                aux=aux, params=params, optimizer=optimizer)
             val, _ = evaluate(result, splits.val)
             if config.select_by not in val:
                 raise BayesTransferError(f"select_by={config.select_by!r} is not a validation "
