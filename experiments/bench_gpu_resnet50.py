@@ -55,12 +55,20 @@ def synthetic_prior(spec: ParamSpec, params, rank: int, seed: int = 0) -> Prior:
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
     mean = spec.ravel(params)
     var = jax.jit(lambda k: jax.random.uniform(k, (spec.size,), jnp.float32, 1e-6, 1e-5))(k1)
-    dev = jax.jit(lambda k: 1e-3 * jax.random.normal(k, (rank, spec.size), jnp.float32))(k2)
+    # Row by row (lax.map): the temporaries of the random bits are (d,), not (K, d).
+    dev = jax.jit(lambda k: jax.lax.map(
+        lambda i: 1e-3 * jax.random.normal(jax.random.fold_in(k, i), (spec.size,), jnp.float32),
+        jnp.arange(rank)))(k2)
     return Prior.lowrank(spec, mean, var, dev, scale=1.0)
 
 
-def make_step(graphdef, loss_fn, tx, compute_dtype):
-    """The jitted MAP training step (the step ``fit`` builds, plus mixed precision)."""
+def make_step(graphdef, loss_fn, tx, compute_dtype, replicated):
+    """The jitted MAP training step (the step ``fit`` builds, plus mixed precision).
+
+    Its outputs are pinned to ``replicated``: left to sharding propagation, a prior
+    sharded along d can leave the new parameters sharded, and the next call, with inputs
+    placed differently, would compile the step again.
+    """
     apply = make_apply(graphdef)
 
     def apply_in(params, rest, x, train=False, method=None):
@@ -77,7 +85,7 @@ def make_step(graphdef, loss_fn, tx, compute_dtype):
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), rest, opt_state), loss
 
-    return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,), out_shardings=replicated)
 
 
 def main(argv=None):
@@ -115,7 +123,7 @@ def main(argv=None):
 
     tx = optax.sgd(0.01, momentum=0.9)
     loss_fn = map_loss(args.num_train, head_decay=1e-4)
-    step = make_step(graphdef, loss_fn, tx, compute_dtype)
+    step = make_step(graphdef, loss_fn, tx, compute_dtype, replicated)
 
     kx, ky = jax.random.split(jax.random.PRNGKey(1))
     shape = (args.batch_size, args.image_size, args.image_size, 3)
