@@ -16,8 +16,10 @@ changing λ between runs does not recompile.
 
 Data parallelism: the batch is sharded over all devices along a ``data`` mesh axis
 and the state is replicated; XLA inserts the gradient all-reduce. The same code runs on
-one CPU, on 8 simulated CPU devices and on a GPU/TPU host (for multi-host, call
-``jax.distributed.initialize()`` first; each host then feeds its own shard).
+one CPU, on 8 simulated CPU devices and on a GPU/TPU host. A large prior may stay
+sharded along d (``Prior.shard``). Multi-host: call ``jax.distributed.initialize()``
+first; every process computes the same global batch and hands its devices only their
+rows (``docs/scaling.md``).
 
 Checkpoints (orbax) hold the whole state, SWAG statistics included; batches and keys
 are a function of (seed, step), so a resumed run is the same run.
@@ -140,8 +142,31 @@ def _shard_batch(batch: dict, mesh: Mesh) -> dict:
     n = len(mesh.devices.flat)
     size = len(next(iter(batch.values())))
     # Batches that don't split evenly (tiny few-shot sets) are replicated instead.
-    spec = P("data") if size % n == 0 else P()
-    return jax.device_put(batch, NamedSharding(mesh, spec))
+    sharded = size % n == 0
+    sharding = NamedSharding(mesh, P("data") if sharded else P())
+    hosts = jax.process_count()
+    if hosts == 1 or not sharded:
+        return jax.device_put(batch, sharding)
+    # Multi-host: every process builds the same global batch (a function of seed and
+    # step) and hands over only its contiguous slice, the rows its devices hold.
+    per = size // hosts
+    lo = jax.process_index() * per
+    return {k: jax.make_array_from_process_local_data(sharding, v[lo:lo + per], v.shape)
+            for k, v in batch.items()}
+
+
+def _place_aux(aux, mesh: Mesh):
+    """Replicate ``aux`` (a prior) over the mesh, except arrays already sharded on it
+    (``Prior.shard``: a large prior stays split along d)."""
+    replicated = NamedSharding(mesh, P())
+
+    def place(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(place, aux)
 
 
 def fit(
@@ -172,16 +197,16 @@ def fit(
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
     tx = optimizer or make_optimizer(config, total_steps)
 
-    step_fn = _compiled_step(graphdef, loss_fn, tx, config.augment, config.flip, swag)
-
     mesh = data_mesh()
+    step_fn = _compiled_step(graphdef, loss_fn, tx, config.augment, config.flip, swag, mesh)
+
     replicated = NamedSharding(mesh, P())
     state = TrainState(jnp.zeros((), jnp.int32), params, rest,
                        tx.init(params) if opt_state is None else opt_state,
                        None if swag is None else swag.init(params))
     # A private copy: the step donates its input state, the caller keeps its arrays.
     state = jax.tree.map(jnp.copy, jax.device_put(state, replicated))
-    aux = jax.device_put(aux, replicated)
+    aux = _place_aux(aux, mesh)
 
     manager = _checkpoint_manager(config)
     if manager is not None and manager.latest_step() is not None:
@@ -230,9 +255,10 @@ def fit(
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_step(graphdef, loss_fn, tx, augment: bool, flip: bool, swag):
+def _compiled_step(graphdef, loss_fn, tx, augment: bool, flip: bool, swag, mesh: Mesh):
     """The jitted train step; cached so repeated runs (a λ sweep, seeds) compile once."""
     apply = make_apply(graphdef)
+    replicated = NamedSharding(mesh, P())
 
     def train_step(state: TrainState, batch, key, aux):
         if augment:
@@ -247,7 +273,10 @@ def _compiled_step(graphdef, loss_fn, tx, augment: bool, flip: bool, swag):
         params = optax.apply_updates(state.params, updates)
         swag_state = state.swag if swag is None else swag.update(state.swag, params)
         metrics = dict(metrics, loss=loss)
-        return TrainState(state.step + 1, params, rest, opt_state, swag_state), metrics
+        new = TrainState(state.step + 1, params, rest, opt_state, swag_state)
+        # The state stays replicated even when a sharded prior's gradient is not: the
+        # next call then sees the same input shardings and does not recompile.
+        return jax.lax.with_sharding_constraint(new, replicated), metrics
 
     return jax.jit(train_step, donate_argnums=(0,))
 

@@ -83,6 +83,23 @@ def _check_on_eight_devices() -> dict:
         float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
         for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)))
 
+    # Through the one training loop: fit keeps the prior sharded (no gather) and the
+    # state replicated, and three steps end where the unsharded prior's run ends.
+    from bayes_transfer import train as bttrain
+    seen = []
+    real_place = bttrain._place_aux
+    bttrain._place_aux = lambda aux, m: seen.append(real_place(aux, m)) or seen[-1]
+    config = bttrain.TrainConfig(epochs=3 * 64 / len(splits.train), batch_size=64,
+                                 optimizer="adam", learning_rate=1e-3, progress=False)
+    fits = [bttrain.fit(model, splits.train, loss_fn, config, aux=p_) for p_ in (prior, sharded)]
+    bttrain._place_aux = real_place
+    assert {s.data.shape for s in seen[1].deviations.addressable_shards} == {(k, d // 8)}
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(fits[1].state.params))
+    out["fit_max_rel"] = max(
+        float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
+        for a, b in zip(jax.tree.leaves(fits[0].state.params),
+                        jax.tree.leaves(fits[1].state.params)))
+
     # Below the threshold, or with d not divisible by the devices: replicated.
     small = shard_prior(prior, mesh)                  # default threshold: 2**20 > d
     assert small.deviations.sharding.is_fully_replicated
@@ -110,6 +127,7 @@ def test_sharded_prior_on_eight_devices_equals_one_device():
     np.testing.assert_allclose(*out["map_loss"], rtol=1e-5)
     assert out["grad_max_rel"] < 1e-5, out
     assert out["map_grad_max_rel"] < 1e-4, out
+    assert out["fit_max_rel"] < 1e-4, out
 
 
 if __name__ == "__main__":
