@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
 from flax import nnx
 
 from bayes_transfer import metrics as btmetrics
+from bayes_transfer.inference.bma import refresh_batch_stats
 from bayes_transfer.objectives import cross_entropy_loss
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
@@ -96,24 +96,7 @@ def learn_prior(model: nnx.Module, splits, config: LearnPriorConfig = LearnPrior
 def accuracy_at_mean(result: TrainResult, prior: Prior, splits) -> float:
     """Test accuracy with the backbone at the prior mean (SWA), BN statistics refreshed."""
     params = prior.init_params(result.state.params)
-    rest = refresh_batch_stats(result, params, splits.train)
+    rest = refresh_batch_stats(result.graphdef, params, result.state.rest, splits.train)
     mean_result = TrainResult(result.graphdef, result.state._replace(params=params, rest=rest),
                               [])
     return accuracy(mean_result, splits.test)
-
-
-def refresh_batch_stats(result: TrainResult, params, dataset, batches: int = 40,
-                        batch_size: int = 256):
-    """BatchNorm running statistics recomputed for ``params`` (needed after averaging)."""
-    from bayes_transfer import data as btdata
-    from bayes_transfer.train import make_apply
-
-    apply = jax.jit(make_apply(result.graphdef), static_argnames=("train", "method"))
-    rest = result.state.rest
-    # With BN momentum 0.9, 40 batches leave 0.9**40 ≈ 1.5% of the old statistics.
-    for i, batch in enumerate(btdata.batches(dataset, batch_size, seed=0, epoch=0)):
-        if i >= batches:
-            break
-        _, rest = apply(params, rest, batch["image"], train=True)
-    return rest
-

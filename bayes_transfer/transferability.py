@@ -32,13 +32,10 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import numpy as np
 from flax import nnx
 
-from bayes_transfer import data as btdata
 from bayes_transfer.errors import BayesTransferError
 
 __all__ = ["knn_accuracy", "logme", "logme_per_class", "model_for", "target_features",
@@ -188,37 +185,16 @@ def target_features(prior_or_model, dataset, *, model: nnx.Module | None = None,
     are not read). A prior stores no BatchNorm statistics, so without this a prior's
     features would be normalised by a fresh model's (mean 0, variance 1).
     """
+    from bayes_transfer.inference.bma import refresh_batch_stats
     from bayes_transfer.ssl.linear_probe import extract_features
 
     net = model_for(prior_or_model, model=model)
     if refresh_bn:
         graphdef, params, rest = nnx.split(net, nnx.Param, ...)
-        rest = _refreshed_rest(graphdef, params, rest, dataset, bn_steps, batch_size)
+        rest = refresh_batch_stats(graphdef, params, rest, dataset, num_batches=bn_steps,
+                                   batch_size=min(batch_size, len(dataset)))
         net = nnx.merge(graphdef, params, rest)
     return np.asarray(extract_features(net, dataset, batch_size=batch_size))
-
-
-def _refreshed_rest(graphdef, params, rest, dataset, steps: int, batch_size: int):
-    forward = _bn_forward(graphdef)
-    size = min(batch_size, len(dataset))
-    step, epoch = 0, 0
-    while step < steps:
-        for batch in btdata.batches(dataset, size, seed=0, epoch=epoch):
-            if step >= steps:
-                break
-            rest = forward(params, rest, batch["image"])
-            step += 1
-        epoch += 1
-    return rest
-
-
-@functools.lru_cache(maxsize=16)
-def _bn_forward(graphdef):
-    from bayes_transfer.train import make_apply
-
-    apply = make_apply(graphdef)
-    return jax.jit(lambda params, rest, x: apply(params, rest, x, train=True,
-                                                 method="features")[1])
 
 
 def transferability(prior_or_model, splits, *, model: nnx.Module | None = None, k: int = 5,

@@ -138,8 +138,7 @@ def refresh_batch_stats(graphdef, params, rest, dataset, *, num_batches: int = 4
     dataset is smaller than that, as few-shot sets are): with BatchNorm momentum 0.9,
     40 batches leave 0.9⁴⁰ ≈ 1.5% of the old statistics. Needed for every parameter
     sample that no training step produced (SWAG samples, averages). Compiled once per
-    model (``bayes_transfer.learn.refresh_batch_stats`` does the same for a
-    ``TrainResult``, one epoch at most).
+    model.
     """
     if not jax.tree.leaves(rest):
         return rest
