@@ -1,7 +1,7 @@
 """The experiment runner: priors × target × shots × seeds × methods, tuned alike, resumable.
 
     python experiments/run.py experiments/configs/bayes_mnist5k_10shot.json
-    python experiments/run.py CONFIG.json --seeds 2 --out /tmp/try     # override, smoke runs
+    python experiments/run.py CONFIG.json --seeds 2 --shots 10 --out /tmp/try   # overrides
 
 A config is a JSON file (see ``experiments/configs/``)::
 
@@ -371,11 +371,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None,
                         help="output directory (default experiments/results/NAME)")
     parser.add_argument("--seeds", type=int, default=None, help="override: seeds 0..N-1")
+    parser.add_argument("--shots", default=None,
+                        help="override: comma-separated examples per class, e.g. 10,all")
+    parser.add_argument("--methods", default=None, help="override: comma-separated methods")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild summary and figures from runs.jsonl, run nothing")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, seeds=args.seeds)
+        shots = None if args.shots is None else [
+            s if s == "all" else int(s) for s in args.shots.split(",")]
+        methods = None if args.methods is None else args.methods.split(",")
+        config = load_config(args.config, seeds=args.seeds, shots=shots, methods=methods)
         out = Path(args.out or ROOT / "experiments" / "results" / config["name"])
         if args.report_only:
             summary = summarize(read_rows(out / "runs.jsonl"), config)
