@@ -40,7 +40,14 @@ def main(argv=None) -> int:
     p.add_argument("--variances", default="1,100")
     p.add_argument("--every", type=int, default=5, help="epochs between diagnostics")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "gradient_diagnostics"))
+    p.add_argument("--replot", action="store_true", help="redraw the figure from the JSON")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.replot:
+        report = json.loads(out.with_suffix(".json").read_text())
+        variances = sorted({r["variance"] for r in report["runs"]})
+        plot(report["runs"], variances, out.with_suffix(".png"))
+        return 0
     t0 = time.perf_counter()
     prior = resolve_prior(args.prior)
     variances = [float(v) for v in args.variances.split(",")]
@@ -57,7 +64,6 @@ def main(argv=None) -> int:
                 runs.append(rec)
                 print(f"seed {seed} v={v:g} {name:4s}: " + " ".join(
                     f"{k}={rec[k][-1]:.3g}" for k in KEYS if not math.isnan(rec[k][-1])))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
         {"command": "python experiments/gradient_diagnostics.py " + " ".join(argv or sys.argv[1:]),
@@ -88,10 +94,16 @@ def plot(runs, variances, path) -> None:
                     continue
                 x = np.array(sel[0]["epochs"])
                 ys = np.array([r[key] for r in sel], dtype=float)
-                mean = np.nanmean(ys, axis=0)
+                if key == "ratio":   # 0 at the prior mean (epoch 0): nothing to show on a log axis
+                    ys[ys <= 0] = np.nan
+                with np.errstate(all="ignore"):
+                    mean = np.nanmean(ys, axis=0)
                 ax.plot(x, mean, color=color, marker="o", ms=3, label=name)
                 if key == "ratio" and f"adam_{key}" in sel[0] and name == "adam":
-                    ya = np.nanmean(np.array([r["adam_ratio"] for r in sel], float), axis=0)
+                    ya = np.array([r["adam_ratio"] for r in sel], float)
+                    ya[~(ya > 0)] = np.nan
+                    with np.errstate(all="ignore"):
+                        ya = np.nanmean(ya, axis=0)
                     ax.plot(x, ya, color=color, ls="--", label="adam, after scaling")
             if key == "ratio":
                 ax.set_yscale("log")
