@@ -196,7 +196,7 @@ def trace_gradients(model: nnx.Module, splits, prior, *, method: str = "lowrank"
     num_train = len(train)
     _, params, _ = split_model(model)
     params = prior.init_params(params)
-    loss = _training_loss(num_train, head_decay)
+    loss = map_loss(num_train, head_decay=head_decay)
     diag_batches = []
     for epoch in range(num_batches):
         for b in btdata.batches(train, diag_batch_size, seed=12345, epoch=epoch):
@@ -242,8 +242,3 @@ def _start_state(params, rest):
     from bayes_transfer.train import TrainState
 
     return TrainState(jnp.zeros((), jnp.int32), params, rest, None)
-
-
-@functools.lru_cache(maxsize=8)
-def _training_loss(num_train: int, head_decay: float):
-    return map_loss(num_train, head_decay=head_decay)

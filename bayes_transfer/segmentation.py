@@ -21,6 +21,7 @@ the decoder (the segmentation "head")::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -86,28 +87,23 @@ def load_task(name: str, num_train: int, *, seed: int = 0, **options):
 
 # ------------------------------------------------------------------------------ loss
 
-_LOSSES: dict = {}
-
-
+@functools.lru_cache(maxsize=64)
 def segmentation_loss(num_train: int, *, decoder_decay: float = 0.0,
                       ignore_index: int | None = None):
     """``map_loss(num_train, task="segmentation")`` + ``decoder_decay·‖θ_decoder‖²/2``.
 
     Cached per setting, so a λ sweep or several seeds reuse one compiled step.
     """
-    key = (int(num_train), float(decoder_decay), ignore_index)
-    if key not in _LOSSES:
-        base = map_loss(num_train, task="segmentation", ignore_index=ignore_index)
-        if not decoder_decay:
-            _LOSSES[key] = base
-        else:
-            def loss_fn(apply, params, rest, batch, rng, prior):
-                loss, (new_rest, parts) = base(apply, params, rest, batch, rng, prior)
-                decay = 0.5 * decoder_decay * head_sq_norm(params, DECODER_RULE)
-                return loss + decay, (new_rest, parts)
+    base = map_loss(num_train, task="segmentation", ignore_index=ignore_index)
+    if not decoder_decay:
+        return base
 
-            _LOSSES[key] = loss_fn
-    return _LOSSES[key]
+    def loss_fn(apply, params, rest, batch, rng, prior):
+        loss, (new_rest, parts) = base(apply, params, rest, batch, rng, prior)
+        decay = 0.5 * decoder_decay * head_sq_norm(params, DECODER_RULE)
+        return loss + decay, (new_rest, parts)
+
+    return loss_fn
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -152,7 +152,7 @@ def finetune(
     params = prior.init_params(params)
     params, method_prior = _reinit_top(model, params, method_prior, config.reinit_top)
     num_train = len(splits.train)
-    loss = _loss(num_train, config.head_decay) if loss_fn is None else loss_fn
+    loss = map_loss(num_train, head_decay=config.head_decay) if loss_fn is None else loss_fn
     loss = with_l2(loss, config.l2)
     optimizer = _layer_lr_optimizer(config, num_train, method_prior.spec.paths)
     evaluate = evaluate_classification if evaluate is None else evaluate
@@ -198,17 +198,6 @@ def _finite_or_inf(x: float) -> float:
 
 def _floats(d: dict) -> dict:
     return {k: float(v) for k, v in d.items()}
-
-
-_LOSSES: dict = {}
-
-
-def _loss(num_train: int, head_decay: float):
-    # One loss function object per setting, so the compiled step is reused across runs.
-    key = (num_train, head_decay)
-    if key not in _LOSSES:
-        _LOSSES[key] = map_loss(num_train, head_decay=head_decay)
-    return _LOSSES[key]
 
 
 # ---------------------------------------------------------------------- non-binary transfer
@@ -311,25 +300,22 @@ def _reinit_top(model, params, prior: Prior, k: int):
     return params, restrict_prior(prior, paths)
 
 
+@functools.lru_cache(maxsize=32)
 def with_l2(loss_fn: Callable, l2: float) -> Callable:
     """``loss_fn`` plus ½·l2·‖θ‖² over every trainable parameter (``loss_fn`` if l2 = 0).
 
-    The term is also reported as the metric ``"l2"``. One object per (loss, l2), so the
-    compiled training step is reused across a λ sweep.
+    The term is also reported as the metric ``"l2"``. Cached: one object per (loss, l2),
+    so the compiled training step is reused across a λ sweep.
     """
     if not l2:
         return loss_fn
-    key = (loss_fn, float(l2))
-    if key not in _L2_LOSSES:
-        def loss(apply, params, rest, batch, key, aux):
-            value, (rest, metrics) = loss_fn(apply, params, rest, batch, key, aux)
-            term = 0.5 * l2 * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params))
-            return value + term, (rest, dict(metrics, l2=term))
-        _L2_LOSSES[key] = loss
-    return _L2_LOSSES[key]
 
+    def loss(apply, params, rest, batch, key, aux):
+        value, (rest, metrics) = loss_fn(apply, params, rest, batch, key, aux)
+        term = 0.5 * l2 * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params))
+        return value + term, (rest, dict(metrics, l2=term))
 
-_L2_LOSSES: dict = {}
+    return loss
 
 
 def scale_updates_of(paths, factor: float) -> optax.GradientTransformation:

@@ -399,7 +399,7 @@ def run_sgld(model, splits, prior=None, config: SGLDConfig = SGLDConfig(), *,
         raise BayesTransferError(f"run_sgld: num_samples must be >= 1, got {num_samples!r}")
     if prior is not None and prior.kind == "flat":
         prior = None
-    loss_fn = loss_fn or _map_loss(n, float(config.head_decay))
+    loss_fn = loss_fn or map_loss(n, head_decay=float(config.head_decay))
     schedule = config.lr_schedule()
     noisy = isinstance(schedule, CyclicalSchedule) and schedule.exploration_steps > 0
     tx = _cached_sgld(schedule, n, float(config.temperature), noisy)
@@ -438,17 +438,6 @@ def run_sgld(model, splits, prior=None, config: SGLDConfig = SGLDConfig(), *,
         samples.append(params, rest, step=step)
     samples.info["chain_count"] = int(opt_state.count)
     return samples
-
-
-_LOSSES: dict = {}
-
-
-def _map_loss(n: int, head_decay: float):
-    # One loss object per setting, so fit's compiled step is shared.
-    key = (n, head_decay)
-    if key not in _LOSSES:
-        _LOSSES[key] = map_loss(n, head_decay=head_decay)
-    return _LOSSES[key]
 
 
 def _check_step_size(prior, precond, lr: float, n: int) -> None:
