@@ -31,6 +31,8 @@ import math
 import sys
 from pathlib import Path
 
+from bayes_transfer.cli import _classes  # one parser of '0-4' / '5,6,7'
+
 __all__ = ["add_segmentation_args", "add_segmentation_eval_args", "build_parser", "main",
            "run_segmentation_evaluate", "run_segmentation_finetune"]
 
@@ -122,15 +124,6 @@ def _num_train(args) -> int:
     if getattr(args, "num_train", None):
         return args.num_train
     return _DEFAULT_NUM_TRAIN.get(args.dataset, 4)
-
-
-def _classes(text):
-    if not text:
-        return None
-    if "-" in text and "," not in text:
-        lo, hi = (int(v) for v in text.split("-"))
-        return tuple(range(lo, hi + 1))
-    return tuple(int(v) for v in text.split(","))
 
 
 def _load_splits(args, num_train: int):
