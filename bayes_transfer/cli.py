@@ -17,18 +17,16 @@ from bayes_transfer.errors import BayesTransferError
 
 
 def _classes(text: str | None):
-    if not text:
-        return None
-    if "-" in text and "," not in text:
-        lo, hi = (int(v) for v in text.split("-"))
-        return tuple(range(lo, hi + 1))
-    return tuple(int(v) for v in text.split(","))
+    from bayes_transfer.data.mixing import parse_classes
+
+    return parse_classes(text)
 
 
 def _add_data_args(p, default="fashion_mnist"):
     p.add_argument("--dataset", default=default,
-                   help="fashion_mnist, mnist_5k or digits (default: %(default)s); with "
-                        "--task segmentation: isbi, fashion_scenes or an image/label folder")
+                   help="fashion_mnist, mnist_5k or digits (default: %(default)s), or a "
+                        "mix such as fashion_mnist:0-4+mnist_5k; with --task segmentation: "
+                        "isbi, fashion_scenes or an image/label folder")
     p.add_argument("--classes", default=None,
                    help="keep only these classes, relabelled from 0: '0-4' or '5,6,7'")
     p.add_argument("--data-dir", default=None, help="where prepared datasets live")

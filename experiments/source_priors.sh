@@ -28,6 +28,9 @@ learn fashion04-noise40 --dataset fashion_mnist --classes 0-4 --epochs 3 --label
 learn fashion04-500 --dataset fashion_mnist --classes 0-4 --epochs 3 --source-shots 500
 # Out-of-domain source: handwritten digits (MNIST-5k, ~4,500 training images).
 learn mnist5k --dataset mnist_5k --epochs 12
+# A mix of both: Fashion-MNIST classes 0-4 and the ten digits as one 15-class task
+# (each part standardised with its own statistics; see bayes_transfer/data/mixing.py).
+learn fashion04+mnist5k --dataset fashion_mnist:0-4+mnist_5k --epochs 3
 # Self-supervised source (labels unused): SimCLR on the same images.
 learn fashion04-simclr --dataset fashion_mnist --classes 0-4 --method simclr --epochs 5 \
   --batch-size 256 --optimizer adam --lr 1e-3 --swag-lr 1e-4 --every 20

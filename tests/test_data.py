@@ -283,6 +283,33 @@ def test_class_subset_one_liner(fashion, data_dir):
     assert target.num_classes == 5 and len(target.train) == 5 and len(target.test) == 5000
 
 
+def test_mixed_source_keeps_each_part_as_alone(fashion, mnist_5k, digits, data_dir):
+    mix = data.load("fashion_mnist:0-4+mnist_5k", data_dir=data_dir, seed=0)
+    assert mix.num_classes == 15 and mix.train.images.dtype == np.float32
+    assert mix.class_names[0] == "fashion_mnist:" + fashion[0].class_names[0]
+    assert mix.class_names[5:] == tuple(f"mnist_5k:{c}" for c in mnist_5k[0].class_names)
+    # Test split: every Fashion test image of classes 0-4, then every MNIST-5k test digit,
+    # each standardised exactly as a batch of that dataset alone would be.
+    f_test = data.select_classes(fashion[1], range(5))
+    assert len(mix.test) == len(f_test) + len(mnist_5k[1])
+    np.testing.assert_array_equal(mix.test.labels, np.r_[f_test.labels, mnist_5k[1].labels + 5])
+    np.testing.assert_array_equal(mix.test.images[: len(f_test)],
+                                  data.normalize(f_test.images, "fashion_mnist"))
+    alone = next(data.batches(mnist_5k[1], 8, seed=0, epoch=0, shuffle=False))
+    mixed = next(data.batches(mix.test.subset(np.arange(len(f_test), len(f_test) + 8)), 8,
+                              seed=0, epoch=0, shuffle=False))
+    np.testing.assert_array_equal(mixed["image"], alone["image"])
+    # Few-shot draws are per class of the mix; sizes must be compatible.
+    shots = data.load("fashion_mnist:0-4+mnist_5k", shots_per_class=3, data_dir=data_dir)
+    assert np.bincount(shots.train.labels).tolist() == [3] * 15
+    with pytest.raises(ValueError, match="image shapes"):
+        data.load("mnist_5k+digits", data_dir=data_dir)
+    with pytest.raises(UnknownDatasetError, match="fashion_mnist:0-4"):
+        data.load("fashion_mnst:0-4+mnist_5k", data_dir=data_dir)
+    with pytest.raises(ValueError, match="'0-4'"):
+        data.load("fashion_mnist:zero+mnist_5k", data_dir=data_dir)
+
+
 def test_label_noise_only_on_train(mnist_5k):
     train, test = mnist_5k
     clean = data.split_dataset(train, test, shots_per_class=20, seed=2)

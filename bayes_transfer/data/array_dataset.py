@@ -12,7 +12,9 @@ class ArrayDataset:
     """Images and labels held in memory.
 
     Attributes:
-      images: ``(N, H, W, C)``; uint8 in 0..255, or float32 in [0, 1].
+      images: ``(N, H, W, C)``; uint8 in 0..255, or float32 in [0, 1] (or already
+        standardised, for a dataset whose ``name`` has no normalisation statistics,
+        such as a mix).
       labels: ``(N,)`` int32 class ids in ``0..num_classes-1`` (``(N, H, W)`` masks
         for segmentation).
       num_classes: number of classes (after any class subset).

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from bayes_transfer.data.array_dataset import ArrayDataset, Splits
 from bayes_transfer.data.errors import DatasetNotFoundError, UnknownDatasetError
+from bayes_transfer.data.mixing import is_mix, load_mix_arrays
 from bayes_transfer.data.splitting import (complement, few_shot_indices, noisy_labels,
                                            relabel_classes, stratified_holdout)
 
@@ -95,7 +96,9 @@ def _entry(name: str) -> _Entry:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UnknownDatasetError(
             f"unknown dataset {name!r}.{hint} Known datasets:\n"
-            + "".join(f"  {n}: {d}\n" for n, d in DATASETS.items()))
+            + "".join(f"  {n}: {d}\n" for n, d in DATASETS.items())
+            + "Mix them with '+' and take classes with ':', e.g. "
+              "'fashion_mnist:0-4+mnist_5k'.")
     entry = _ENTRIES[name]
     if entry.builder is None:
         raise UnknownDatasetError(f"{name!r} is a segmentation source; use "
@@ -105,7 +108,15 @@ def _entry(name: str) -> _Entry:
 
 def load_arrays(name: str, *, data_dir=None, download: bool = False,
                 source_dir=None) -> tuple[ArrayDataset, ArrayDataset]:
-    """The full official (or fixed) ``(train, test)`` sets of ``name`` as uint8 arrays."""
+    """The full official (or fixed) ``(train, test)`` sets of ``name`` as uint8 arrays.
+
+    ``name`` may also be a mix such as ``"fashion_mnist:0-4+mnist_5k"`` (see
+    `bayes_transfer.data.mixing`): float32 images, each part standardised with its own
+    statistics, classes side by side.
+    """
+    if is_mix(name):
+        return load_mix_arrays(name, load_arrays, select_classes, data_dir=data_dir,
+                               download=download, source_dir=source_dir)
     entry = _entry(name)
     from bayes_transfer.data import tfds_builders  # tfds import only when data is read
     from bayes_transfer.data.local_sources import SourceMissing
@@ -225,7 +236,9 @@ def load(name: str, *, shots_per_class: int | None = None, val_per_class: int | 
     """Load a classification dataset as in-memory train / val / test splits.
 
     Args:
-      name: one of `DATASETS` (``"fashion_mnist"``, ``"mnist_5k"``, ``"digits"``).
+      name: one of `DATASETS` (``"fashion_mnist"``, ``"mnist_5k"``, ``"digits"``), or a
+        mix of them with class subsets, e.g. ``"fashion_mnist:0-4+mnist_5k"`` (15
+        classes: the five garments, then the ten digits).
       shots_per_class: if given, the training set is ``k`` examples per class drawn
         from the train split (`few_shot_indices`, ``seed``).
       val_per_class: validation examples per class, disjoint from the training
