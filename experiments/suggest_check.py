@@ -2,13 +2,17 @@
 
     python experiments/suggest_check.py experiments/configs/bayes_mnist5k_10shot.json
     python experiments/suggest_check.py experiments/configs/nonbinary_fashion59.json --shots 10
+    python experiments/suggest_check.py experiments/configs/source_fashion59.json   # every prior
 
 For each seed of a runner config whose results exist (``experiments/run.py`` first),
 ``suggest`` measures the prior's features on the target's train + validation images
 and proposes an effective prior variance and a re-initialisation depth; the script
 fine-tunes once with those settings (the same budget as one sweep point) and prints,
 beside it, what the sweep chose on validation for the same method and its test
-metrics. Writes ``suggest.json`` into the runner's result directory.
+metrics. With several priors or shots values it also reports how the measures
+(normalised kNN accuracy, LogME) rank-correlate with the sweep's chosen variance and
+with the prior's NLL gain over standard fine-tuning (Spearman, over every prior ×
+shots × seed). Writes ``suggest.json`` into the runner's result directory.
 """
 from __future__ import annotations
 
@@ -32,54 +36,102 @@ from bayes_transfer.inference.map import finetune  # noqa: E402
 from bayes_transfer.suggest import suggest  # noqa: E402
 
 
+def _check(prior_label, prior, shots, seed, row, config, method):
+    target, tuning = config["target"], config["tuning"]
+    splits = btdata.load(target["dataset"], classes=target.get("classes"),
+                         shots_per_class=None if shots == "all" else shots, seed=seed)
+    s = suggest(prior, splits, variances=tuple(tuning["variances"]), seed=seed)
+    fconf = runner.finetune_config(tuning, row["learning_rate"], len(splits.train), seed)
+    res = finetune(model_for(prior, splits.train.num_classes, seed), splits, prior, method,
+                   config=s.finetune_config(fconf))
+    mean_var = float(np.mean(np.asarray(prior.for_method(method).base_variance(), np.float64)))
+    sweep_var = row["scale"] * mean_var if math.isfinite(row["scale"]) else math.inf
+    return {"prior": prior_label, "shots": shots, "seed": seed, "measures": s.measures,
+            "suggested": {"variance": s.variance, "reinit_top": s.reinit_top,
+                          "test": res.metrics, "val": res.val_metrics},
+            "sweep": {"variance": sweep_var, "test": row["test"], "val": row["val"]}}
+
+
+def correlations(report: list[dict], rows: list[dict]) -> dict:
+    """Spearman ρ (and p) of each measure with the sweep's variance and the NLL gain."""
+    from scipy import stats
+
+    standard = {r["key"]: r for r in rows if r["method"] == "standard"}
+    out = {}
+    for measure in ("knn_normalized", "logme", "gain"):
+        xs = [e["measures"].get(measure, math.nan) for e in report]
+        targets = {"sweep_variance": [e["sweep"]["variance"] for e in report]}
+        gains = [standard.get(runner.cell_key(e["prior"], e["shots"], e["seed"], "standard"))
+                 for e in report]
+        if all(g is not None for g in gains):
+            targets["nll_gain_over_standard"] = [
+                g["test"]["nll"] - e["sweep"]["test"]["nll"] for g, e in zip(gains, report)]
+        for name, ys in targets.items():
+            ok = [(x, y) for x, y in zip(xs, ys) if not math.isnan(x)]
+            if len(ok) >= 4:
+                rho, p = stats.spearmanr(*zip(*ok))
+                out[f"{measure}~{name}"] = {"rho": float(rho), "p": float(p), "n": len(ok)}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
     p.add_argument("--method", default="lowrank", help="the prior method suggested for")
-    p.add_argument("--shots", default=None, help="shots value (default: the config's first)")
+    p.add_argument("--shots", default=None,
+                   help="comma-separated shots values (default: all of the config's)")
+    p.add_argument("--prior", action="append", default=None,
+                   help="prior label of the config (repeatable; default: every prior)")
     p.add_argument("--out", default=None, help="runner output directory (default: its own)")
     args = p.parse_args(argv)
     config = runner.load_config(args.config)
     out = Path(args.out or ROOT / "experiments" / "results" / config["name"])
     rows = runner.read_rows(out / "runs.jsonl")
-    shots = config["shots"][0] if args.shots is None else (
-        args.shots if args.shots == "all" else int(args.shots))
-    label = next(iter(config["priors"]))
-    prior = resolve_prior(config["priors"][label])
-    tuning = config["tuning"]
-    base = prior.for_method(args.method)
-    mean_var = float(np.mean(np.asarray(base.base_variance(), np.float64)))
+    shots_list = config["shots"] if args.shots is None else [
+        v if v == "all" else int(v) for v in args.shots.split(",")]
     report = []
-    for seed in config["seeds"]:
-        row = next((r for r in rows if r["key"] == runner.cell_key(label, shots, seed,
-                                                                     args.method)), None)
-        if row is None:
-            print(f"seed {seed}: no runner result for {args.method} (run experiments/run.py)")
-            continue
-        target = config["target"]
-        splits = btdata.load(target["dataset"], classes=target.get("classes"),
-                             shots_per_class=None if shots == "all" else shots, seed=seed)
-        s = suggest(prior, splits, variances=tuple(tuning["variances"]), seed=seed)
-        fconf = runner.finetune_config(tuning, row["learning_rate"], len(splits.train), seed)
-        res = finetune(model_for(prior, splits.train.num_classes, seed), splits, prior,
-                       args.method, config=s.finetune_config(fconf))
-        sweep_var = row["scale"] * mean_var if math.isfinite(row["scale"]) else math.inf
-        entry = {"seed": seed, "measures": s.measures, "suggested": {
-            "variance": s.variance, "reinit_top": s.reinit_top, "test": res.metrics,
-            "val": res.val_metrics},
-            "sweep": {"variance": sweep_var, "test": row["test"], "val": row["val"]}}
-        report.append(entry)
-        print(f"seed {seed}: q={s.score:.3f} gain={s.measures.get('gain', math.nan):+.3f} | "
-              f"suggest v={s.variance:g} reinit={s.reinit_top}: test error "
-              f"{res.metrics['error']:.4f} nll {res.metrics['nll']:.4f} | sweep v={sweep_var:.3g}: "
-              f"test error {row['test']['error']:.4f} nll {row['test']['nll']:.4f}")
-    if report:
-        diff = [e["suggested"]["test"]["error"] - e["sweep"]["test"]["error"] for e in report]
-        print(f"test error, suggest − sweep: mean {np.mean(diff):+.4f} over {len(diff)} seeds")
-        (out / "suggest.json").write_text(json.dumps(
-            {"config": args.config, "method": args.method, "shots": shots,
-             "seeds": report}, indent=2, default=float))
-        print(f"wrote {out / 'suggest.json'}")
+    for label in args.prior or list(config["priors"]):
+        prior = resolve_prior(config["priors"][label])
+        for shots in shots_list:
+            for seed in config["seeds"]:
+                row = next((r for r in rows if r["key"] == runner.cell_key(
+                    label, shots, seed, args.method)), None)
+                if row is None:
+                    print(f"{label} shots={shots} seed={seed}: no runner result for "
+                          f"{args.method} (run experiments/run.py first)")
+                    continue
+                e = _check(label, prior, shots, seed, row, config, args.method)
+                report.append(e)
+                sug, sw = e["suggested"], e["sweep"]
+                print(f"{label} shots={shots} seed={seed}: q={e['measures']['knn_normalized']:.3f} "
+                      f"gain={e['measures'].get('gain', math.nan):+.3f} | suggest "
+                      f"v={sug['variance']:g} reinit={sug['reinit_top']}: test error "
+                      f"{sug['test']['error']:.4f} nll {sug['test']['nll']:.4f} | sweep "
+                      f"v={sw['variance']:.3g}: test error {sw['test']['error']:.4f} "
+                      f"nll {sw['test']['nll']:.4f}", flush=True)
+    if not report:
+        return 1
+    groups: dict = {}
+    for e in report:
+        groups.setdefault((e["prior"], e["shots"]), []).append(e)
+    summary = []
+    for (label, shots), es in groups.items():
+        d_err = [e["suggested"]["test"]["error"] - e["sweep"]["test"]["error"] for e in es]
+        d_nll = [e["suggested"]["test"]["nll"] - e["sweep"]["test"]["nll"] for e in es]
+        match = sum(math.isclose(e["suggested"]["variance"], e["sweep"]["variance"],
+                                 rel_tol=1e-3) for e in es)
+        summary.append({"prior": label, "shots": shots, "seeds": len(es), "matches": match,
+                        "error_diff": float(np.mean(d_err)), "nll_diff": float(np.mean(d_nll))})
+        print(f"{label} shots={shots}: suggest matched the sweep's variance on {match}/{len(es)} "
+              f"seeds; suggest − sweep: test error {np.mean(d_err):+.4f}, "
+              f"NLL {np.mean(d_nll):+.4f}")
+    corr = correlations(report, rows)
+    for name, c in corr.items():
+        print(f"Spearman {name}: rho = {c['rho']:+.2f} (p = {c['p']:.2g}, n = {c['n']})")
+    (out / "suggest.json").write_text(json.dumps(
+        {"config": args.config, "method": args.method, "summary": summary,
+         "correlations": corr, "entries": report}, indent=2, default=float))
+    print(f"wrote {out / 'suggest.json'}")
     return 0
 
 
