@@ -13,10 +13,11 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from bayes_transfer import models as btmodels
 from bayes_transfer.errors import BayesTransferError
-from bayes_transfer.train import TrainResult, split_model
+from bayes_transfer.train import TrainResult, host_copy, split_model
 
 
 def save_model(result: TrainResult, path, *, extra: dict | None = None) -> Path:
@@ -28,12 +29,25 @@ def save_model(result: TrainResult, path, *, extra: dict | None = None) -> Path:
 def write_model_dir(result: TrainResult, path, info: dict) -> Path:
     """``info`` as ``model.json`` plus the weights (orbax), atomically."""
     path = Path(path).absolute()
+    state = {"params": result.state.params, "rest": result.state.rest}
+    if jax.process_count() == 1:
+        return _write_model_dir(path, info, state, ocp.options.MultiprocessingOptions())
+    # Multi-process: the state is replicated, so process 0 writes its own copy alone
+    # (a collective orbax save would go to each process's own temporary directory and
+    # hang) and the others wait until the directory is in place.
+    if jax.process_index() == 0:
+        _write_model_dir(path, info, host_copy(state),
+                         ocp.options.MultiprocessingOptions(active_processes={0}))
+    multihost_utils.sync_global_devices(f"bayes_transfer.write_model_dir {path}")
+    return path
+
+
+def _write_model_dir(path: Path, info: dict, state, multiprocessing_options) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         (tmp / "model.json").write_text(json.dumps(info, indent=2))
-        state = {"params": result.state.params, "rest": result.state.rest}
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(multiprocessing_options=multiprocessing_options) as ckptr:
             ckptr.save(tmp / "weights", state)
         if path.exists():
             shutil.rmtree(path)

@@ -76,6 +76,14 @@ def cmd_train(args):
         print(f"saved the model to {args.out}")
 
 
+def _primary() -> bool:
+    """Whether this process writes the outputs: in a multi-process run
+    (``python -m bayes_transfer.launch``) every process holds the same replicated
+    result, and one copy on the shared file system is enough."""
+    import jax
+    return jax.process_index() == 0
+
+
 def _softmax(logits):
     import jax
     import numpy as np
@@ -105,6 +113,7 @@ def cmd_evaluate(args):
 
 
 def cmd_learn_prior(args):
+    import jax
     import jax.numpy as jnp
 
     from bayes_transfer import data, models
@@ -112,6 +121,14 @@ def cmd_learn_prior(args):
     from bayes_transfer.learn import LearnPriorConfig, learn_prior
     from bayes_transfer.swag import SwagConfig
 
+    if jax.process_count() > 1:
+        # save_prior writes through orbax's default Checkpointer, which waits for every
+        # process (artifact._write_arrays): written from process 0 alone it would hang
+        # after training; written from every process the copies would collide.
+        raise BayesTransferError(
+            "learn-prior cannot run as several processes yet: the artifact writer "
+            "(bayes_transfer.artifact.save_prior) would hang; run it as one process, which "
+            "uses all of its host's devices")
     classes = _classes(args.classes)
     splits = data.load(args.dataset, classes=classes, seed=args.seed, data_dir=args.data_dir,
                        label_noise=args.label_noise, shots_per_class=args.source_shots)
@@ -173,7 +190,7 @@ def cmd_finetune(args):
         results.append({**res.summary(), "val": res.val_metrics, "sweep": res.sweep})
         print(f"{method:10s} λ={res.scale:<9.3g} " + " ".join(
             f"{k}={res.metrics[k]:.4f}" for k in ("error", "nll", "ece", "brier")))
-    if args.out:
+    if args.out and _primary():
         with open(args.out, "w") as f:
             json.dump({"prior": args.prior, "dataset": args.dataset, "shots": args.shots,
                        "seed": args.seed, "results": results}, f, indent=2)

@@ -18,8 +18,8 @@ Data parallelism: the batch is sharded over all devices along a ``data`` mesh ax
 and the state is replicated; XLA inserts the gradient all-reduce. The same code runs on
 one CPU, on 8 simulated CPU devices and on a GPU/TPU host. A large prior may stay
 sharded along d (``Prior.shard``). Multi-host: call ``jax.distributed.initialize()``
-first; every process computes the same global batch and hands its devices only their
-rows (``docs/scaling.md``).
+first (or start with ``python -m bayes_transfer.launch``); every process computes the
+same global batch and hands its devices only their rows (``docs/scaling.md``).
 
 Checkpoints (orbax) hold the whole state, SWAG statistics included; batches and keys
 are a function of (seed, step), so a resumed run is the same run.
@@ -90,6 +90,21 @@ class TrainResult:
         return nnx.merge(self.graphdef, self.state.params, self.state.rest)
 
 
+def host_copy(tree):
+    """This process's numpy copy of a tree of replicated arrays (``fit``'s state, a prior
+    built from it). It needs no other process, so process 0 alone may call it before
+    writing a file; an eager op on an array spread over several processes, by contrast,
+    is a collective that every process must run."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                raise BayesTransferError(f"host_copy needs replicated arrays, got {x.sharding}")
+            x = x.addressable_data(0)
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
 def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     """The optax optimizer a config describes (cached: the same settings give the same
     object, so the jitted step is reused across runs instead of recompiled)."""
@@ -144,14 +159,13 @@ def _shard_batch(batch: dict, mesh: Mesh) -> dict:
     # Batches that don't split evenly (tiny few-shot sets) are replicated instead.
     sharded = size % n == 0
     sharding = NamedSharding(mesh, P("data") if sharded else P())
-    hosts = jax.process_count()
-    if hosts == 1 or not sharded:
+    if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     # Multi-host: every process builds the same global batch (a function of seed and
-    # step) and hands over only its contiguous slice, the rows its devices hold.
-    per = size // hosts
-    lo = jax.process_index() * per
-    return {k: jax.make_array_from_process_local_data(sharding, v[lo:lo + per], v.shape)
+    # step) and gives each of its own devices the rows the sharding assigns it. Asking
+    # the sharding, not assuming process i holds the i-th block of rows, stays right
+    # whatever order jax.devices() lists the hosts' devices in.
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
             for k, v in batch.items()}
 
 
@@ -215,7 +229,9 @@ def fit(
 
     history: list[dict] = []
     key0 = jax.random.PRNGKey(config.seed)
-    bar = tqdm(total=total_steps, initial=start, desc=config.desc, disable=not config.progress,
+    # One progress bar per run, not one per process.
+    bar = tqdm(total=total_steps, initial=start, desc=config.desc,
+               disable=not config.progress or jax.process_index() != 0,
                dynamic_ncols=True, leave=False)
     step, tic, seen = start, time.perf_counter(), 0
     metrics = {}

@@ -1,0 +1,170 @@
+"""`fit` as 2 processes joined by `jax.distributed` equals `fit` in one process.
+
+Two processes on 127.0.0.1, each with 2 CPU devices (collectives over gloo), are
+started with the documented launcher, ``python -m bayes_transfer.launch``; a reference
+runs as one process with 4 devices, so both meshes have 4 devices. Each trains a small
+BatchNorm network under a low-rank prior sharded along d (each device holds d/4
+columns, each process half of them) with orbax checkpoints in a shared directory, resumes
+from them, and writes the model with ``write_model_dir`` (what ``train --out`` does) and
+reads it back. This file is also the script the subprocesses run.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+N, BATCH, STEPS = 64, 16, 6          # 4 steps per epoch: 6 steps cross an epoch boundary
+
+
+def _worker(out_dir: str) -> None:
+    import jax
+    from flax import nnx
+
+    from bayes_transfer.checkpoints import read_weights, write_model_dir
+    from bayes_transfer.data import ArrayDataset
+    from bayes_transfer.objectives import map_loss
+    from bayes_transfer.params import ParamSpec, flatten_with_paths
+    from bayes_transfer.prior import Prior, shard_prior
+    from bayes_transfer.train import TrainConfig, data_mesh, fit, host_copy, split_model
+
+    class Backbone(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(16, 8, rngs=rngs)
+            self.bn = nnx.BatchNorm(8, rngs=rngs)   # batch statistics: a cross-device mean
+
+        def __call__(self, x, train=False):
+            return nnx.relu(self.bn(self.dense(x.reshape(len(x), -1)),
+                                    use_running_average=not train))
+
+    class Tiny(nnx.Module):
+        def __init__(self, rngs):
+            self.backbone = Backbone(rngs)
+            self.head = nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x, train=False):
+            return self.head(self.backbone(x, train))
+
+    assert len(jax.devices()) == 4
+    rng = np.random.default_rng(0)
+    train = ArrayDataset(rng.uniform(0, 1, (N, 4, 4, 1)).astype(np.float32),
+                         rng.integers(0, 3, N), 3, "synthetic")
+    model = Tiny(nnx.Rngs(0))
+    spec = ParamSpec.from_params(split_model(model)[1])
+    d, k = spec.size, 3
+    assert d % 4 == 0, d
+    prior = Prior.lowrank(spec, rng.normal(0, 0.1, d).astype(np.float32),
+                          rng.uniform(0.01, 0.1, d).astype(np.float32),
+                          rng.normal(0, 0.1, (k, d)).astype(np.float32), scale=1.0, floor=1e-4)
+    prior = shard_prior(prior, data_mesh(), min_dim=0)
+    # Each device holds d/4 columns; this process addresses only its own devices' shards.
+    assert {s.data.shape for s in prior.deviations.addressable_shards} == {(k, d // 4)}
+    assert len(prior.deviations.addressable_shards) == len(jax.local_devices())
+
+    config = TrainConfig(epochs=STEPS / (N // BATCH), batch_size=BATCH, optimizer="sgd",
+                         learning_rate=0.1, seed=3, desc="multihost-fit",
+                         checkpoint_dir=os.path.join(out_dir, "ckpt"))
+    loss = map_loss(N, head_decay=1e-3)
+    result = fit(model, train, loss, config, aux=prior)
+    # A second fit on the same checkpoint directory restores the final step.
+    restored = fit(Tiny(nnx.Rngs(1)), train, loss, config, aux=prior)
+    # Every process calls the model writer (as `train --out` does); one copy is written.
+    model_dir = os.path.join(out_dir, "model")
+    write_model_dir(result, model_dir, {"note": "multihost test"})
+    loaded = nnx.state(read_weights(model_dir, Tiny(nnx.Rngs(2))), nnx.Param)
+
+    def local(tree):   # this process's own copy, read without the other process
+        return flatten_with_paths(host_copy(tree))
+
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(result.state.params))
+    arrays = {**{f"params/{p}": x for p, x in local(result.state.params).items()},
+              **{f"rest/{p}": x for p, x in local(result.state.rest).items()},
+              **{f"restored/{p}": x for p, x in local(restored.state.params).items()},
+              **{f"loaded/{p}": x for p, x in local(loaded).items()}}
+    arrays["loss"] = np.array([h["loss"] for h in result.history])
+    np.savez(os.path.join(out_dir, f"process{jax.process_index()}.npz"), **arrays)
+    print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
+                      "local_devices": len(jax.local_devices()), "d": d}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd, devices: int, log):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    # Output to files, not pipes: a process we wait on can never block on a full pipe.
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+
+
+def _finish(procs, logs, timeout: float):
+    """(stdout, stderr) of each process. On a hang or a failure, kill them all (a dead
+    peer leaves the other waiting in a collective; SIGTERM is caught by JAX) and fail
+    with their output."""
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    outs = [(Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()) for log in logs]
+    if any(p.returncode for p in procs):
+        report = "\n".join(f"--- process {i} rc={p.returncode}\n{err[-3000:]}"
+                           for i, (p, (_, err)) in enumerate(zip(procs, outs)))
+        pytest.fail(f"a subprocess failed or hung (limit {timeout:.0f} s)\n{report}")
+    return outs
+
+
+def _load(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    port = _free_port()
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    multi.mkdir()
+    single.mkdir()
+    launch = [sys.executable, "-m", "bayes_transfer.launch", "--coordinator",
+              f"127.0.0.1:{port}", "--num-processes", "2", "--timeout", "60"]
+    logs = [tmp_path / "process0", tmp_path / "process1", tmp_path / "single"]
+    procs = [_start([*launch, "--process-id", str(i), __file__, str(multi)], 2, logs[i])
+             for i in range(2)]
+    procs.append(_start([sys.executable, __file__, str(single)], 4, logs[2]))
+    outs = _finish(procs, logs, timeout=150)
+
+    infos = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert [(i["process"], i["processes"], i["local_devices"]) for i in infos] == [
+        (0, 2, 2), (1, 2, 2), (0, 1, 4)]
+    # One progress bar per run: process 0 prints it, process 1 does not.
+    assert "multihost-fit" in outs[0][1] and "multihost-fit" not in outs[1][1]
+
+    p0, p1, ref = (_load(multi / "process0.npz"), _load(multi / "process1.npz"),
+                   _load(single / "process0.npz"))
+    assert p0.keys() == p1.keys() == ref.keys()
+    for key in p0:
+        # The two processes hold the same replicated state, bit for bit ...
+        np.testing.assert_array_equal(p0[key], p1[key], err_msg=key)
+        # ... which is the one-process result up to float rounding (sums over gloo).
+        np.testing.assert_allclose(p0[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for key in (k for k in p0 if k.startswith("params/")):
+        np.testing.assert_array_equal(p0[key], p0[key.replace("params/", "restored/", 1)])
+        np.testing.assert_array_equal(p0[key], p0[key.replace("params/", "loaded/", 1)])
+    assert len(p0["loss"]) == 2 and not np.allclose(p0["params/head/kernel"], 0)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
