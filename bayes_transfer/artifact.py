@@ -164,11 +164,15 @@ def load_prior(path, *, verify: bool = True, model_params=None, dtype=None,
     Returns the Prior with the stored kind, scale and floor; ``prior.metadata`` is the
     artifact's metadata dict.
     """
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        if dtype.name not in _DTYPES:
+            raise PriorError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
     with _artifact_dir(path) as root:
         meta = read_metadata(root, verify=verify or sha256 is not None)
         _check_integrity(root, meta, verify=verify, expected=sha256)
-        arrays = _read_arrays(root, meta)
-    prior = _prior_from_arrays(meta, arrays, dtype)
+        arrays = _read_arrays(root, meta, dtype)
+    prior = _prior_from_arrays(meta, arrays)
     if model_params is not None:
         prior.spec.check(model_params)
     return prior
@@ -674,12 +678,20 @@ def _check_integrity(root: Path, meta: dict, *, verify: bool, expected: str | No
                     f"{redownload}")
 
 
-def _read_arrays(root: Path, meta: dict) -> dict[str, np.ndarray]:
+def _read_arrays(root: Path, meta: dict, dtype=None) -> dict[str, np.ndarray]:
+    """The stored arrays as NumPy arrays (cast to ``dtype`` if given), checked against
+    the metadata. Read chunk by chunk into 64-byte aligned memory, which ``jax.device_put``
+    on the CPU then uses as is; artifacts this reader does not understand go through
+    Orbax's restore (the arrays, then a copy on ``device_put``)."""
     import orbax.checkpoint as ocp
 
     directory = (root / ARRAYS_DIR).absolute()
     if not directory.is_dir():
         raise ArtifactError(f"{root} has no {ARRAYS_DIR}/ directory. {_LAYOUT}.")
+    try:
+        return _read_arrays_aligned(directory, meta, dtype)
+    except Exception:     # another layout, or damaged: Orbax reads it or says what is wrong
+        pass
     try:
         # No target: Orbax rebuilds the dict from its JSON tree metadata and returns
         # numpy arrays in their saved dtypes. Nothing is unpickled.
@@ -705,23 +717,65 @@ def _read_arrays(root: Path, meta: dict) -> dict[str, np.ndarray]:
                 f"{root}: array {name!r} was restored with shape {list(a.shape)} "
                 f"{a.dtype.name}, {METADATA_FILE} records {info['shape']} {info['dtype']}; "
                 f"the artifact is malformed")
-        out[name] = a
+        out[name] = a if dtype is None else a.astype(dtype)
     return out
 
 
-def _prior_from_arrays(meta: dict, arrays: dict, dtype) -> Prior:
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-ordered array whose data starts on an ``align``-byte boundary
+    (XLA:CPU aliases such host memory instead of copying it)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _read_arrays_aligned(directory: Path, meta: dict, dtype) -> dict[str, np.ndarray]:
+    """Read each array of an Orbax (0.12) checkpoint with TensorStore directly.
+
+    Only JSON (Orbax's ``_METADATA`` and the zarr headers) and the compressed chunks are
+    read. TensorStore fills each array a stored chunk at a time (at most 64 MiB with
+    ``save_prior``'s chunking; two at once), so loading needs the arrays plus two chunks,
+    where Orbax's restore returns arrays that ``device_put`` then has to copy (they are
+    16-byte aligned).
+    """
+    import tensorstore as ts
+
+    layout = json.loads((directory / "_METADATA").read_text(encoding="utf-8"))
+    driver = "zarr3" if layout.get("use_zarr3") else "zarr"
+    # No cache, and two chunks in flight: the memory in flight must not grow with the cores.
+    context = ts.Context({"cache_pool": {"total_bytes_limit": 0},
+                          "data_copy_concurrency": {"limit": 2},
+                          "file_io_concurrency": {"limit": 2}})
+    out = {}
+    for name, info in meta["arrays"].items():
+        kvstore = ({"driver": "ocdbt", "base": directory.as_uri(), "path": name}
+                   if layout.get("use_ocdbt")
+                   else {"driver": "file", "path": str(directory / name)})
+        store = ts.open({"driver": driver, "kvstore": kvstore, "open": True}, read=True,
+                        context=context).result()
+        shape = tuple(store.shape)
+        if (list(shape) != info["shape"]
+                or np.dtype(store.dtype.numpy_dtype).name != info["dtype"]):
+            raise ArtifactError(f"array {name!r} does not match {METADATA_FILE}")
+        target = np.dtype(_DTYPES[info["dtype"]] if dtype is None else dtype)
+        if target != store.dtype.numpy_dtype:
+            store = ts.cast(store, target)
+        array = _aligned_empty(shape, target)
+        ts.array(array, copy=False, write=True).write(store).result()
+        out[name] = array
+    return out
+
+
+def _prior_from_arrays(meta: dict, arrays: dict) -> Prior:
     spec = ParamSpec.from_json(meta["spec"])
-    if dtype is not None:
-        dtype = np.dtype(dtype)
-        if dtype.name not in _DTYPES:
-            raise PriorError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
-    # Hand each array to JAX once (in place, so the host copy is freed as soon as the
-    # device copy exists): a Prior holding the restored numpy arrays would copy its (K, d)
-    # factor to the device again on every jitted call (XLA:CPU aliases only 64-byte
-    # aligned host buffers, and Orbax's are not), doubling the memory of each call.
+    # Hand each array to JAX once, in place: a Prior holding NumPy arrays would pass its
+    # (K, d) factor to the device again on every jitted call. XLA:CPU uses 64-byte aligned
+    # host memory as is (_read_arrays_aligned's) and copies other memory (Orbax's), in
+    # which case the host copy is freed as soon as the device copy exists.
     for name in sorted(arrays, key=lambda k: -arrays[k].nbytes):
-        arrays[name] = jax.device_put(arrays[name] if dtype is None
-                                      else arrays[name].astype(dtype))
+        arrays[name] = jax.device_put(arrays[name])
     scale = math.inf if meta["kind"] == "flat" else meta["scale"]
     # Prior._build validates (NaN/Inf, variance > 0, shapes) and caches the Cholesky factor.
     prior = Prior._build(spec, arrays["mean"], arrays["var"], arrays.get("deviations"),

@@ -159,6 +159,59 @@ def test_dtype_cast_and_model_check(tmp_path):
     np.testing.assert_array_equal(loaded.var, prior.var.astype(jnp.float32))
 
 
+def _orbax_restore(path: Path) -> dict:
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        return ckptr.restore((path / "arrays").absolute(), args=ocp.args.StandardRestore())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_arrays_are_read_into_aligned_memory_used_in_place(tmp_path, monkeypatch, dtype):
+    """Each array is read (chunk by chunk) into 64-byte aligned memory that the loaded
+    prior uses as is, without a copy, on the CPU; the values are Orbax's."""
+    _, path = saved(tmp_path, "lowrank", dtype)
+    read, real = {}, A._read_arrays
+    monkeypatch.setattr(A, "_read_arrays", lambda *a: read.update(real(*a)) or dict(read))
+    loaded = A.load_prior(path)
+    restored = _orbax_restore(path)
+    assert set(read) == {"mean", "var", "deviations"}
+    for name, array in read.items():
+        assert array.ctypes.data % 64 == 0, name
+        assert bits(array) == bits(restored[name]), name
+        if jax.default_backend() == "cpu":
+            assert getattr(loaded, name).unsafe_buffer_pointer() == array.ctypes.data, name
+
+
+@pytest.mark.parametrize("layout", ["one chunk", "no ocdbt", "unknown"])
+def test_other_array_layouts_load_the_same(tmp_path, monkeypatch, layout):
+    """Artifacts written before the chunked save (one chunk per array), without Orbax's
+    OCDBT, or that the aligned reader cannot read (Orbax's restore then) load the same."""
+    import orbax.checkpoint as ocp
+
+    prior, path = saved(tmp_path, "lowrank", jnp.bfloat16)
+    want = {"": A.load_prior(path), "f32": A.load_prior(path, dtype=jnp.float32)}
+    if layout == "unknown":
+        def unreadable(*args):
+            raise RuntimeError("not this layout")
+        monkeypatch.setattr(A, "_read_arrays_aligned", unreadable)
+    else:
+        arrays = {k: np.asarray(v) for k, v in _orbax_restore(path).items()}
+        shutil.rmtree(path / "arrays")
+        handler = (ocp.StandardCheckpointHandler() if layout == "one chunk"
+                   else ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+        args = (ocp.args.StandardSave(arrays) if layout == "one chunk"
+                else ocp.args.PyTreeSave(arrays))
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save((path / "arrays").absolute(), args=args)
+        resign(path)
+        A._read_arrays_aligned(path / "arrays", A.read_metadata(path), None)   # no fallback
+    got = {"": A.load_prior(path), "f32": A.load_prior(path, dtype=jnp.float32)}
+    for key in want:
+        for name in ("mean", "var", "deviations", "chol", "logdet"):
+            assert bits(getattr(got[key], name)) == bits(getattr(want[key], name)), (key, name)
+
+
 def test_resave_keeps_metadata_and_overwrite_rules(tmp_path):
     prior, path = saved(tmp_path)
     loaded = A.load_prior(path).rescale(10.0)
