@@ -24,9 +24,11 @@ and W = √(λ/(2(K−1)))·D̂, the Woodbury identity and the matrix determinan
 
 where L is the Cholesky factor of the K×K capacitance ``I + W δ⁻¹ Wᵀ``. L and log|Σ|
 do not depend on θ: they are cached in the prior (recomputed only by
-:meth:`Prior.rescale`, in one pass over D̂). One call reads D̂ once; its gradient (by
-autodiff) reads it once more: O(K·d) memory traffic, no d×d or K×d temporaries
-(``experiments/bench_prior.py`` measures it against two bare passes over D̂).
+:meth:`Prior.rescale`, in one pass over D̂). One call reads D̂ once; its gradient (a
+hand-written JVP rule, :func:`_woodbury_quad`) reads it once more: O(K·d) memory traffic,
+no d×d or K×d temporaries, and at large d no d-vector besides θ and the gradient
+(``experiments/bench_prior.py`` measures the time, ``experiments/bench_memory.py`` the
+memory).
 """
 from __future__ import annotations
 
@@ -97,6 +99,142 @@ def _all_finite(x):
     # max|x| is NaN or Inf iff some entry is: one fused reduction, where
     # jnp.all(jnp.isfinite(x)) materialises a (K, d) boolean temporary on CPU.
     return jnp.isfinite(jnp.max(jnp.abs(x)))
+
+
+# ---------------------------------------------------------------------- Woodbury term
+#: Below this d, D̂·a is a BLAS matrix-vector product (the fastest on CPU; its operand is
+#: one more d-vector). From it on, a fused multiply-reduce over D̂'s rows, after which the
+#: gradient can take over a's memory: the value and gradient then need no d-vector besides
+#: θ and the gradient.
+_MATVEC_MAX_DIM = 1 << 22
+#: Rows of a bfloat16 factor read through one widened view of it in a single elementwise
+#: pass: XLA:CPU emits a fused producer at most ~15 times per fusion, else materialises it.
+_ROWS_PER_VIEW = 12
+
+
+def _widen(x, dtype, signed=False):
+    """``x`` as ``dtype`` inside an elementwise pass.
+
+    A bfloat16 array is widened through its bits (a float32 with the same top 16 bits):
+    XLA:CPU upcasts a bfloat16 array as a whole before any slice of it, and merges equal
+    converts, so a convert that a reduction also reads would be materialised (a float32
+    copy). ``signed`` gives a second, distinct view of the same bits.
+    """
+    if x.dtype != jnp.bfloat16:
+        return x.astype(dtype)
+    narrow, wide = (jnp.int16, jnp.int32) if signed else (jnp.uint16, jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(x, narrow).astype(wide) << 16
+    return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
+
+
+def _factor_rows(dev, dtype):
+    """D̂'s K rows as ``dtype`` vectors, to be summed in one elementwise pass."""
+    if dev.dtype != jnp.bfloat16:
+        return [dev[k].astype(dtype) for k in range(dev.shape[0])]
+    # Two distinct views of the bits, _ROWS_PER_VIEW rows each; rows beyond (K > 24) come
+    # from a plain upcast, which XLA:CPU materialises for the whole factor (correct, but a
+    # float32 copy of it).
+    views = [_widen(dev, dtype), _widen(dev, dtype, signed=True)]
+    return [views[k // _ROWS_PER_VIEW][k] if k < len(views) * _ROWS_PER_VIEW
+            else dev[k].astype(dtype) for k in range(dev.shape[0])]
+
+
+def _woodbury_forward(theta, mean, var, dev, scale, floor, chol):
+    """quad = rᵀΣ⁻¹r and what its derivative reuses: a = δ⁻¹r, y = L⁻¹·√c·D̂a and √c."""
+    dtype = theta.dtype
+    delta = 0.5 * scale * _widen(var, dtype) + floor
+    a = (theta - _widen(mean, dtype)) / delta
+    sqrt_c = jnp.sqrt(scale / (2.0 * max(dev.shape[0] - 1, 1)))
+    if dev.dtype == dtype and theta.shape[0] < _MATVEC_MAX_DIM:
+        b = dev @ a
+    else:   # the convert of a low-precision D̂ fuses into the reduction: no upcast copy
+        b = jnp.sum(dev.astype(dtype) * a, axis=1)
+    y = jax.scipy.linalg.solve_triangular(chol, sqrt_c * b, lower=True)
+    # rᵀδ⁻¹r = Σ a²δ, from a and var only: a reduction that shared the subexpressions of a
+    # (r, δ) with it would make XLA materialise them.
+    quad = (0.5 * scale * jnp.sum(a * (a * var.astype(dtype))) + floor * jnp.sum(a * a)
+            - jnp.vdot(y, y))
+    return quad, a, y, sqrt_c
+
+
+@jax.custom_jvp
+def _woodbury_quad(theta, mean, var, dev, scale, floor, chol):
+    """rᵀΣ⁻¹r, r = θ − mean, for Σ = diag(δ) + c·D̂ᵀD̂, δ = λ·var/2 + ε, c = λ/(2(K−1)).
+
+    ``chol`` is the Cholesky factor of I + c·D̂δ⁻¹D̂ᵀ; all arrays in θ's dtype except
+    mean, var and D̂ (any stored dtype). The JVP rule is written out so that the gradient
+    Σ⁻¹r is one elementwise pass over D̂'s rows (autodiff materialises D̂ᵀz and r and, for
+    a bfloat16 D̂, a float32 copy of it); it covers every argument, so λ, ε, the arrays and
+    the factor stay differentiable.
+    """
+    return _woodbury_forward(theta, mean, var, dev, scale, floor, chol)[0]
+
+
+@functools.partial(_woodbury_quad.defjvp, symbolic_zeros=True)
+def _woodbury_quad_jvp(primals, tangents):
+    from jax.custom_derivatives import SymbolicZero
+
+    theta, mean, var, dev, scale, floor, chol = primals
+    quad, a, y, sqrt_c = _woodbury_forward(*primals)
+    dtype = theta.dtype
+    z = jax.scipy.linalg.solve_triangular(chol, y, lower=True, trans="T")
+    zc = sqrt_c * z
+    delta = 0.5 * scale * _widen(var, dtype) + floor
+    # v = Σ⁻¹r = a − √c·δ⁻¹D̂ᵀz, ∂quad/∂θ = 2v: the sum over rows is one elementwise
+    # pass (a dot would materialise D̂ᵀz), written as a − t/δ so v can reuse a's memory.
+    v = a - sum(zc[k] * row for k, row in enumerate(_factor_rows(dev, dtype))) / delta
+    d_theta, d_mean, d_var, d_dev, d_scale, d_floor, d_chol = (
+        None if isinstance(t, SymbolicZero) else t for t in tangents)
+    out = jnp.zeros((), dtype)
+    if d_theta is not None:
+        out = out + 2 * jnp.vdot(v, d_theta.astype(dtype))
+    if d_mean is not None:
+        out = out - 2 * jnp.sum(v * d_mean.astype(dtype))
+    if d_var is not None or d_scale is not None or d_floor is not None:
+        w = a * (a - 2 * v)                                   # ∂quad/∂δ
+        if d_var is not None:
+            out = out + 0.5 * scale * jnp.sum(w * d_var.astype(dtype))
+        if d_floor is not None:
+            out = out + jnp.sum(w) * d_floor.astype(dtype)
+        if d_scale is not None:                               # δ and c are ∝ λ
+            out = out + (0.5 * jnp.sum(w * var.astype(dtype)) - jnp.vdot(y, y) / scale
+                         ) * d_scale.astype(dtype)
+    if d_dev is not None:
+        out = out - 2 * jnp.vdot(zc, d_dev.astype(dtype) @ a)
+    if d_chol is not None:                  # the solves read only the lower triangle
+        out = out + 2 * jnp.vdot(z, jnp.tril(d_chol.astype(dtype)) @ y)
+    return quad, out
+
+
+def _on_host(x):
+    """``x`` as a zero-copy NumPy array if it is concrete and on one CPU device, else None."""
+    if isinstance(x, np.ndarray):
+        return x
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return None
+    devices = x.sharding.device_set
+    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        return None
+    return np.asarray(x)
+
+
+def _capacitance_cholesky_host(dev, var, scale, floor, coef, dtype):
+    """:func:`_capacitance_cholesky` on the host, for a low-precision D̂ on the CPU.
+
+    XLA:CPU upcasts a bfloat16 array as a whole before slicing it (a float32 copy of D̂,
+    twice its size); NumPy upcasts one block of columns at a time. ``einsum`` rather than
+    ``@``: a multithreaded BLAS competes with XLA's spinning threads (1000× slower here).
+    """
+    rank, d = dev.shape
+    dtype = np.dtype(dtype)
+    block = 1 << 16
+    gram = np.zeros((rank, rank), np.float64)
+    for start in range(0, d, block):
+        cols = dev[:, start:start + block].astype(dtype)
+        v = var if var.ndim == 0 else var[start:start + block]
+        inv = 1 / (dtype.type(0.5 * scale) * v.astype(dtype) + dtype.type(floor))
+        gram += np.einsum("ki,li->kl", cols * inv, cols)
+    return np.linalg.cholesky(np.eye(rank) + coef * gram).astype(dtype)
 
 
 @functools.partial(
@@ -264,8 +402,14 @@ class Prior:
             new = dataclasses.replace(new, chol=None)
         else:
             dtype = new._compute_dtype()
-            inv_diag = 1.0 / jnp.broadcast_to(new._diag(dtype), (self.dim,))
-            chol = _capacitance_cholesky(new.deviations, inv_diag, new._factor_coef(dtype))
+            host = [_on_host(x) for x in (new.deviations, new.var, new.scale, new.floor)]
+            if new.deviations.dtype.itemsize < 4 and all(x is not None for x in host):
+                dev, var, scale, floor = host
+                chol = jnp.asarray(_capacitance_cholesky_host(
+                    dev, var, float(scale), float(floor), float(new._factor_coef(dtype)), dtype))
+            else:
+                inv_diag = 1.0 / jnp.broadcast_to(new._diag(dtype), (self.dim,))
+                chol = _capacitance_cholesky(new.deviations, inv_diag, new._factor_coef(dtype))
             new = dataclasses.replace(new, chol=chol)
         # log|Σ| does not depend on θ: computing it here saves a pass of d logarithms
         # (the costliest elementwise term on CPU) in every log_prob call.
@@ -329,13 +473,13 @@ class Prior:
         if self.kind == "flat":
             return jnp.zeros((), dtype) * jnp.sum(theta[:0])   # keeps a (zero) gradient path
         theta = theta.astype(dtype)
-        r = theta - self.mean.astype(dtype)
-        a = r / self._diag(dtype)
-        quad = jnp.vdot(r, a)
         if self.deviations is not None:
-            b = jnp.sqrt(self._factor_coef(dtype)) * (self.deviations.astype(dtype) @ a)
-            y = jax.scipy.linalg.solve_triangular(self.chol.astype(dtype), b, lower=True)
-            quad = quad - jnp.vdot(y, y)
+            quad = _woodbury_quad(theta, self.mean, self.var, self.deviations,
+                                  self.scale.astype(dtype), self.floor.astype(dtype),
+                                  self.chol.astype(dtype))
+        else:
+            r = theta - self.mean.astype(dtype)
+            quad = jnp.vdot(r, r / self._diag(dtype))
         logdet = (self._log_det(dtype) if self.logdet is None else self.logdet.astype(dtype))
         return -0.5 * (self.dim * math.log(2 * math.pi) + logdet + quad)
 

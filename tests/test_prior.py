@@ -504,3 +504,112 @@ def test_capacitance_in_blocks_of_columns(spec, monkeypatch):
         fn = jax.jit(prior_module._capacitance_cholesky.__wrapped__)
         got = fn(jnp.asarray(dev), jnp.asarray(inv), jnp.float64(0.25))
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------- hand-written JVP
+def _quad_by_autodiff(theta, mean, var, dev, scale, floor, chol):
+    """rᵀΣ⁻¹r by Woodbury in plain jnp, differentiated by JAX: the reference for the rule."""
+    delta = 0.5 * scale * var + floor
+    r = theta - mean
+    a = r / delta
+    b = jnp.sqrt(scale / (2.0 * max(dev.shape[0] - 1, 1))) * (dev @ a)
+    y = jax.scipy.linalg.solve_triangular(jnp.tril(chol), b, lower=True)
+    return jnp.vdot(r, a) - jnp.vdot(y, y)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["matvec", "fused"])
+def test_woodbury_jvp_rule_in_every_argument(spec, monkeypatch, fused):
+    """The custom JVP of the Woodbury term against autodiff, in each argument and all at
+    once, forward and reverse, and its Hessian in θ against the dense precision."""
+    import bayes_transfer.prior as prior_module
+
+    if fused:      # the multi-reduce that large d uses
+        monkeypatch.setattr(prior_module, "_MATVEC_MAX_DIM", 0)
+    mean, var, dev = swag_arrays(4, 4)
+    prior = Prior.lowrank(spec, mean, var, dev, scale=3.0, floor=0.05)
+    x = jnp.asarray(ref_ravel(make_params(2)))
+    args = (x, prior.mean, prior.var, prior.deviations, prior.scale, prior.floor, prior.chol)
+    quad = prior_module._woodbury_quad
+    np.testing.assert_allclose(float(quad(*args)), float(_quad_by_autodiff(*args)), rtol=1e-12)
+    for i in range(len(args)):
+        got = jax.grad(quad, argnums=i)(*args)
+        ref = jax.grad(_quad_by_autodiff, argnums=i)(*args)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-10,
+                                   atol=1e-12 * float(np.abs(ref).max()), err_msg=str(i))
+    rng = np.random.default_rng(0)
+    tangents = tuple(jnp.asarray(rng.normal(size=np.shape(a))) for a in args)
+    np.testing.assert_allclose(float(jax.jvp(quad, args, tangents)[1]),
+                               float(jax.jvp(_quad_by_autodiff, args, tangents)[1]), rtol=1e-10)
+    cov = np.asarray(prior.covariance())
+    np.testing.assert_allclose(np.asarray(jax.hessian(prior.log_prob)(x)), -np.linalg.inv(cov),
+                               rtol=1e-8, atol=1e-10)
+
+
+def _dense_reference(prior):
+    """Mean and covariance in float64 from the prior's stored (possibly rounded) arrays."""
+    f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # noqa: E731
+    lam, eps, dev = float(prior.scale), float(prior.floor), f64(prior.deviations)
+    cov = (np.diag(0.5 * lam * f64(prior.var) + eps)
+           + lam / (2 * max(prior.rank - 1, 1)) * dev.T @ dev)
+    return f64(prior.mean), cov
+
+
+@pytest.mark.parametrize("rank", [5, 20, 26])
+@pytest.mark.parametrize("fused", [False, True], ids=["matvec", "fused"])
+def test_lowrank_log_prob_and_grad_float32_and_bfloat16_storage(monkeypatch, fused, rank):
+    """log p and ∇θ in float32, stored in float32 or bfloat16, against a dense float64
+    reference of the stored arrays: both forward paths, and bfloat16 factors with up to 24
+    rows (two widened views) and beyond (rows from a plain upcast)."""
+    import bayes_transfer.prior as prior_module
+
+    if fused:
+        monkeypatch.setattr(prior_module, "_MATVEC_MAX_DIM", 0)
+    d = 600
+    with jax.enable_x64(False):
+        spec32 = ParamSpec(paths=("backbone/w",), shapes=((d,),), dtypes=("float32",))
+        rng = np.random.default_rng(rank)
+        mean = rng.normal(size=d).astype(np.float32)
+        var = rng.uniform(1e-3, 1e-2, d).astype(np.float32)
+        dev = (0.05 * rng.normal(size=(rank, d))).astype(np.float32)
+        theta = jnp.asarray(mean + 0.05 * rng.normal(size=d).astype(np.float32))
+        f = jax.jit(lambda p, t: jax.value_and_grad(p.log_prob)(t))
+        for storage in (jnp.float32, jnp.bfloat16):
+            prior = Prior.lowrank(spec32, mean, var, dev, scale=2.0, floor=1e-4).astype(storage)
+            lp, g = f(prior, theta)
+            assert lp.dtype == g.dtype == jnp.float32
+            ref_mean, cov = _dense_reference(prior)
+            x = np.asarray(theta, np.float64)
+            ref_lp = scipy.stats.multivariate_normal(ref_mean, cov).logpdf(x)
+            ref_g = -np.linalg.solve(cov, x - ref_mean)
+            what = f"{jnp.dtype(storage).name} K={rank}"
+            np.testing.assert_allclose(float(lp), ref_lp, rtol=2e-5, err_msg=what)
+            np.testing.assert_allclose(np.asarray(g), ref_g, rtol=1e-3,
+                                       atol=1e-4 * np.abs(ref_g).max(), err_msg=what)
+
+
+def test_capacitance_of_a_bfloat16_factor_on_the_host(monkeypatch):
+    """A bfloat16 factor's capacitance is built in NumPy, a block of columns at a time
+    (XLA:CPU would upcast the whole factor): the same factor as the XLA path."""
+    import bayes_transfer.prior as prior_module
+
+    with jax.enable_x64(False):
+        d = 3000
+        spec32 = ParamSpec(paths=("backbone/w",), shapes=((d,),), dtypes=("float32",))
+        mean, var, dev = (a.astype(np.float32) for a in swag_arrays(6, 6, d))
+        calls = []
+        host = prior_module._capacitance_cholesky_host
+        monkeypatch.setattr(prior_module, "_capacitance_cholesky_host",
+                            lambda *a: calls.append(1) or host(*a))
+        p16 = Prior.lowrank(spec32, mean, var, dev, scale=2.0, floor=0.01).astype(jnp.bfloat16)
+        assert calls                      # built on the host (and not for float32 storage)
+        n = len(calls)
+        Prior.lowrank(spec32, mean, var, dev, scale=2.0, floor=0.01)
+        assert len(calls) == n
+        inv = 1.0 / (0.5 * 2.0 * p16.var.astype(jnp.float32) + 0.01)
+        xla = prior_module._capacitance_cholesky(p16.deviations, inv, jnp.float32(2.0 / 10))
+        np.testing.assert_allclose(np.asarray(p16.chol), np.asarray(xla), rtol=1e-5, atol=1e-6)
+        # under jit (λ traced) the XLA path is used: same log p
+        x = jnp.asarray(mean)
+        eager = float(p16.rescale(5.0).log_prob(x))
+        traced = float(jax.jit(lambda p, s: p.rescale(s).log_prob(x))(p16, jnp.float32(5.0)))
+        np.testing.assert_allclose(eager, traced, rtol=1e-5)
