@@ -21,7 +21,9 @@ peak of a process that only imported jax and bayes_transfer (measured in its own
 subprocess, reported as ``baseline``). The target is (K + 4)·d·4 bytes: the float32
 factor, mean and variance, θ and the gradient. With bfloat16 storage the stored arrays
 take (K + 2)·d·2 bytes, θ and the gradient stay float32: (K + 6)·d·2 in all, 0.54× the
-float32 target.
+float32 target. The same steps on a float32 artifact with d = 4,096 give the part of
+``net`` that does not grow with d (XLA's compiler, its code and heap), reported as
+``fixed``.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import time
 
 MiB = 2 ** 20
 RESNET50_BACKBONE = 23_508_032
+TINY_D = 4096          # the d-independent part of the memory (compiler, runtime)
 
 
 def resnet50_backbone_shapes() -> list[tuple[str, tuple[int, ...]]]:
@@ -145,13 +148,14 @@ def child_load(path: str, theta_kind: str) -> dict:
 
     import bayes_transfer as bt
     from bayes_transfer import artifact
+    from bayes_transfer.prior import _all_finite   # a fused check: no (d,) boolean array
     record("import jax, bayes_transfer")
 
     read_arrays = artifact._read_arrays
 
-    def traced_read_arrays(*args, **kwargs):      # the load's restore step, measured apart
+    def traced_read_arrays(*args, **kwargs):      # the load's read step, measured apart
         out = read_arrays(*args, **kwargs)
-        record("load: Orbax restore")
+        record("load: read arrays")
         return out
 
     artifact._read_arrays = traced_read_arrays
@@ -177,8 +181,7 @@ def child_load(path: str, theta_kind: str) -> dict:
     lp, g = value_and_grad(prior, theta)
     jax.block_until_ready((lp, g))
     record("log_prob + grad, 1st call (compiles)")
-    finite = bool(jnp.isfinite(lp)) and all(bool(jnp.all(jnp.isfinite(x)))
-                                            for x in jax.tree.leaves(g))
+    finite = bool(jnp.isfinite(lp)) and all(bool(_all_finite(x)) for x in jax.tree.leaves(g))
     del lp, g
     lp, g = value_and_grad(prior, theta)
     jax.block_until_ready((lp, g))
@@ -248,6 +251,14 @@ def main(argv=None) -> None:
         base = run_child("baseline")
         print(f"# baseline (a process that imported jax and bayes_transfer): peak "
               f"{base['peak'] / MiB:.0f} MiB, resident {base['rss'] / MiB:.0f} MiB")
+        tiny = os.path.join(workdir, f"prior-{TINY_D}-{rank}-float32")
+        if not (args.keep and os.path.exists(os.path.join(tiny, "metadata.json"))):
+            run_child("write", str(TINY_D), str(rank), "float32", tiny)
+        fixed = run_child("load", tiny, "flat")
+        if "error" not in fixed:
+            fixed_net = max(x["peak"] for x in fixed["steps"]) - base["peak"]
+            print(f"# fixed: the same steps with d = {TINY_D:,} (float32, θ flat): net peak "
+                  f"{fixed_net / MiB:.0f} MiB")
         results = {}
         for dtype in args.dtypes.split(","):
             path = os.path.join(workdir, f"prior-{d}-{rank}-{dtype}")
@@ -267,7 +278,7 @@ def main(argv=None) -> None:
             return max(x["peak"] for x in r["steps"] if x["step"].startswith(prefix))
 
         print("\n## peak resident memory above the baseline peak, MiB")
-        print("# net = whole process; load = load_prior (restore, to JAX, validation, "
+        print("# net = whole process; load = load_prior (read, to JAX, validation, "
               "Cholesky); lp+grad = building θ and two jitted value_and_grad calls, after "
               "the load; held = resident after the last call")
         print(f"{'storage':>9} {'θ':>5} {'raw':>6} {'net':>6} {'target':>6} {'net/tgt':>7} "
