@@ -123,11 +123,25 @@ def save_prior(prior: Prior, path, *, metadata: dict | None = None,
     Metadata the prior already carries (e.g. it was loaded from an artifact) is kept,
     with ``metadata`` taking precedence. Library versions, the creation time and the
     digests are filled in automatically. Arrays keep their stored dtype.
+
+    Multi-process runs (``jax.distributed``): call ``save_prior`` on process 0 alone;
+    it writes without waiting for the other processes (they wait at a barrier if they
+    need the file, as ``learn-prior`` does). A prior replicated over every process's
+    devices is written from process 0's own copy; one sharded across processes must be
+    gathered first.
     """
     if not isinstance(prior, Prior):
         raise TypeError(f"save_prior expects a Prior, got {type(prior).__name__}")
     path = Path(path).expanduser().absolute()
     _check_destination(path, overwrite)
+    if jax.process_count() > 1 and jax.process_index() != 0:
+        # Orbax writes NumPy arrays from process 0 only: elsewhere it would leave an
+        # artifact without its array files.
+        raise ArtifactError(
+            f"save_prior runs on process 0 of a multi-process run (this is process "
+            f"{jax.process_index()} of {jax.process_count()}); the other processes hold the "
+            f"same replicated prior and should wait at a barrier instead")
+    prior = _process_local(prior)
     prior.validate()          # never publish NaN/Inf or a non-positive variance
     arrays = _prior_arrays(prior)
     meta = _build_metadata(prior, arrays, metadata)
@@ -311,6 +325,29 @@ def metadata_digest(meta: dict) -> str:
 
 
 # ====================================================================== writing
+def _process_local(prior: Prior) -> Prior:
+    """``prior`` with every array that spans other processes' devices replaced by this
+    process's own copy (its first addressable shard), so that checking and writing it
+    run no computation that the other processes would have to join. Unchanged (the
+    same object) when every array is addressable, as in a one-process run."""
+    leaves = jax.tree.leaves(prior)
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
+        return prior
+
+    def local(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if not x.is_fully_replicated:
+            raise PriorError(
+                f"save_prior got an array of shape {x.shape} sharded across processes "
+                f"({x.sharding}); each process holds only part of it. Replicate it first "
+                f"(jax.experimental.multihost_utils.process_allgather, or build the prior "
+                f"from fit's replicated state)")
+        return x.addressable_data(0)
+
+    return jax.tree.map(local, prior)
+
+
 def _prior_arrays(prior: Prior) -> dict[str, np.ndarray]:
     arrays = {"mean": prior.mean, "var": prior.var}
     if prior.deviations is not None:
@@ -421,7 +458,17 @@ def _write_arrays(directory: Path, arrays: dict[str, np.ndarray]) -> None:
     # of at most 64 MiB: restoring decodes chunk by chunk, so loading needs the arrays plus
     # a few chunks instead of twice the (K, d) factor (one chunk per array before).
     save_args = {name: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES) for name in arrays}
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    if jax.process_count() == 1:
+        handler, options = ocp.StandardCheckpointHandler(), {}
+    else:
+        # Several jax.distributed processes: process 0 (save_prior checked) writes its
+        # NumPy copies alone. With orbax's defaults its barriers would wait for every
+        # process; with process 0 the only active one the write is local, and the files
+        # are those of a one-process save (ocdbt.process_0/ included).
+        mp = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
+        handler = ocp.StandardCheckpointHandler(multiprocessing_options=mp)
+        options = {"multiprocessing_options": mp}
+    with ocp.Checkpointer(handler, **options) as ckptr:
         ckptr.save(directory, args=ocp.args.StandardSave(arrays, save_args=save_args))
 
 

@@ -84,6 +84,28 @@ def _primary() -> bool:
     return jax.process_index() == 0
 
 
+def _on_primary(write, what: str) -> None:
+    """Run ``write()`` on process 0 of a multi-process run while the other processes
+    wait for it. Every process joins one collective afterwards, whether the write
+    worked or raised, so a failure on process 0 fails every process instead of leaving
+    the others waiting for a file that never comes."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            write()
+        except Exception as e:    # re-raised below, after the others have been told
+            error = e
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if error is not None:
+        raise error
+    if int(failed):
+        raise BayesTransferError(f"process 0 failed {what}; its output says why")
+
+
 def _softmax(logits):
     import jax
     import numpy as np
@@ -122,13 +144,12 @@ def cmd_learn_prior(args):
     from bayes_transfer.swag import SwagConfig
 
     if jax.process_count() > 1:
-        # save_prior writes through orbax's default Checkpointer, which waits for every
-        # process (artifact._write_arrays): written from process 0 alone it would hang
-        # after training; written from every process the copies would collide.
-        raise BayesTransferError(
-            "learn-prior cannot run as several processes yet: the artifact writer "
-            "(bayes_transfer.artifact.save_prior) would hang; run it as one process, which "
-            "uses all of its host's devices")
+        # Several processes: say now, on every process, what save_prior would refuse
+        # after training (an existing --out without --overwrite).
+        from pathlib import Path
+
+        from bayes_transfer.artifact import _check_destination
+        _check_destination(Path(args.out).expanduser().absolute(), args.overwrite)
     classes = _classes(args.classes)
     splits = data.load(args.dataset, classes=classes, seed=args.seed, data_dir=args.data_dir,
                        label_noise=args.label_noise, shots_per_class=args.source_shots)
@@ -150,9 +171,18 @@ def cmd_learn_prior(args):
                            metadata=meta, **loss_kw)
     if args.dtype == "bfloat16":
         prior = prior.astype(jnp.bfloat16)
-    save_prior(prior, args.out, overwrite=args.overwrite)
-    key = "linear_probe_accuracy" if args.method == "simclr" else "source_accuracy"
-    print(f"saved {prior} to {args.out}; {key.replace('_', ' ')} {prior.metadata.get(key)}")
+    if jax.process_count() == 1:
+        save_prior(prior, args.out, overwrite=args.overwrite)
+    else:
+        # Every process holds the same replicated prior: process 0 writes its own copy
+        # alone (save_prior never waits for the other processes) and the others wait
+        # until the artifact is in place.
+        _on_primary(lambda: save_prior(prior, args.out, overwrite=args.overwrite),
+                    f"writing the prior artifact {args.out}")
+    if _primary():
+        key = "linear_probe_accuracy" if args.method == "simclr" else "source_accuracy"
+        print(f"saved {prior} to {args.out}; {key.replace('_', ' ')} "
+              f"{prior.metadata.get(key)}")
 
 
 def cmd_finetune(args):

@@ -1,15 +1,20 @@
-"""`fit` as 2 processes joined by `jax.distributed` equals `fit` in one process.
+"""`fit` and `learn-prior` as 2 processes joined by `jax.distributed` equal one process.
 
 Two processes on 127.0.0.1, each with 2 CPU devices (collectives over gloo), are
 started with the documented launcher, ``python -m bayes_transfer.launch``; a reference
-runs as one process with 4 devices, so both meshes have 4 devices. Each trains a small
-BatchNorm network under a low-rank prior sharded along d (each device holds d/4
-columns, each process half of them) with orbax checkpoints in a shared directory, resumes
-from them, and writes the model with ``write_model_dir`` (what ``train --out`` does) and
-reads it back. This file is also the script the subprocesses run.
+runs as one process with 4 devices, so both meshes have 4 devices.
+
+* ``fit``: each trains a small BatchNorm network under a low-rank prior sharded along d
+  (each device holds d/4 columns, each process half of them) with orbax checkpoints in a
+  shared directory, resumes from them, and writes the model with ``write_model_dir``
+  (what ``train --out`` does) and reads it back. This file is also the script the
+  subprocesses run.
+* ``learn-prior`` (the CLI): source training and SWAG collection on a few digits, then
+  the artifact, which process 0 writes alone while process 1 waits.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -133,13 +138,17 @@ def _load(path):
         return {k: f[k] for k in f.files}
 
 
+def _launch(port: int) -> list[str]:
+    return [sys.executable, "-m", "bayes_transfer.launch", "--coordinator",
+            f"127.0.0.1:{port}", "--num-processes", "2", "--timeout", "60"]
+
+
 def test_two_processes_equal_one_process(tmp_path):
     port = _free_port()
     multi, single = tmp_path / "multi", tmp_path / "single"
     multi.mkdir()
     single.mkdir()
-    launch = [sys.executable, "-m", "bayes_transfer.launch", "--coordinator",
-              f"127.0.0.1:{port}", "--num-processes", "2", "--timeout", "60"]
+    launch = _launch(port)
     logs = [tmp_path / "process0", tmp_path / "process1", tmp_path / "single"]
     procs = [_start([*launch, "--process-id", str(i), __file__, str(multi)], 2, logs[i])
              for i in range(2)]
@@ -164,6 +173,59 @@ def test_two_processes_equal_one_process(tmp_path):
         np.testing.assert_array_equal(p0[key], p0[key.replace("params/", "restored/", 1)])
         np.testing.assert_array_equal(p0[key], p0[key.replace("params/", "loaded/", 1)])
     assert len(p0["loss"]) == 2 and not np.allclose(p0["params/head/kernel"], 0)
+
+
+# Source training and SWAG on 100 digits (8x8): 5 steps of each phase over the 4-device
+# mesh (20 images a step, 5 per device), a snapshot every step, so the K = 3 ring buffer
+# of deviations wraps around.
+LEARN_PRIOR = ["-m", "bayes_transfer.cli", "learn-prior", "--dataset", "digits",
+               "--source-shots", "10", "--batch-size", "20", "--epochs", "1",
+               "--swag-epochs", "1", "--every", "1", "--rank", "3", "--no-augment", "--seed", "1"]
+
+
+def _layout(root: Path) -> list[str]:
+    """The artifact's files, with each of Orbax's random chunk names written as ``*``."""
+    return sorted({re.sub(r"/[0-9a-f]{32}$", "/*", x.relative_to(root).as_posix())
+                   for x in root.rglob("*") if x.is_file()})
+
+
+@pytest.mark.slow     # 68-80 s on 2 busy cores: three processes, each compiling its steps
+def test_learn_prior_two_processes_equal_one_process(tmp_path):
+    from bayes_transfer.artifact import load_prior
+
+    port = _free_port()
+    multi, single = tmp_path / "multi" / "prior", tmp_path / "single" / "prior"
+    multi.parent.mkdir()
+    single.parent.mkdir()
+    logs = [tmp_path / "process0", tmp_path / "process1", tmp_path / "single"]
+    procs = [_start([*_launch(port), "--process-id", str(i), *LEARN_PRIOR, "--out", str(multi)],
+                    2, logs[i]) for i in range(2)]
+    procs.append(_start([sys.executable, *LEARN_PRIOR, "--out", str(single)], 4, logs[2]))
+    outs = _finish(procs, logs, timeout=300)
+
+    # Process 0 wrote the artifact and says so; process 1 waited for it and prints nothing.
+    assert f"to {multi}" in outs[0][0] and "saved" not in outs[1][0], outs
+    assert "swag" in outs[0][1] and "swag" not in outs[1][1]
+    # One artifact in place, no temporary sibling left behind.
+    assert sorted(p.name for p in multi.parent.iterdir()) == ["prior"]
+    assert _layout(multi) == _layout(single)
+    assert any("ocdbt.process_0" in f for f in _layout(multi))
+
+    got, ref = load_prior(multi, verify=True), load_prior(single, verify=True)
+    assert (got.kind, got.dim, got.rank, got.scale, got.floor) == (
+        ref.kind, ref.dim, ref.rank, ref.scale, ref.floor) == ("lowrank", ref.dim, 3, 1.0, 0.0)
+    assert got.spec == ref.spec
+    for name in ("mean", "var", "deviations"):
+        a, b = np.asarray(getattr(got, name)), np.asarray(getattr(ref, name))
+        assert a.shape == b.shape and a.dtype == b.dtype == np.float32, name
+        # Equal up to the rounding of gloo's sums: within 1e-4 of the array's scale.
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max(), err_msg=name)
+    assert not np.allclose(np.asarray(ref.deviations), 0)
+    meta, ref_meta = got.metadata, ref.metadata
+    assert meta["swag"] == ref_meta["swag"] and meta["swag"]["snapshots"] == 5
+    assert meta["training"] == ref_meta["training"] and meta["source"] == ref_meta["source"]
+    for key in ("source_accuracy", "source_accuracy_at_mean"):
+        assert abs(meta[key] - ref_meta[key]) <= 0.01, key
 
 
 if __name__ == "__main__":
