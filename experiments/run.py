@@ -385,6 +385,8 @@ def main(argv=None) -> None:
         out = Path(args.out or ROOT / "experiments" / "results" / config["name"])
         if args.report_only:
             summary = summarize(read_rows(out / "runs.jsonl"), config)
+            (out / "config.json").write_text(json.dumps(config, indent=2))  # what it covers
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
             (out / "summary.md").write_text(format_summary(summary, config))
             figures(summary, config, out)
             print(format_summary(summary, config))
