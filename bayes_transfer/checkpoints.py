@@ -13,11 +13,10 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from bayes_transfer import models as btmodels
 from bayes_transfer.errors import BayesTransferError
-from bayes_transfer.train import TrainResult, host_copy, split_model
+from bayes_transfer.train import TrainResult, host_copy, on_process_0, split_model
 
 
 def save_model(result: TrainResult, path, *, extra: dict | None = None) -> Path:
@@ -35,10 +34,9 @@ def write_model_dir(result: TrainResult, path, info: dict) -> Path:
     # Multi-process: the state is replicated, so process 0 writes its own copy alone
     # (a collective orbax save would go to each process's own temporary directory and
     # hang) and the others wait until the directory is in place.
-    if jax.process_index() == 0:
-        _write_model_dir(path, info, host_copy(state),
-                         ocp.options.MultiprocessingOptions(active_processes={0}))
-    multihost_utils.sync_global_devices(f"bayes_transfer.write_model_dir {path}")
+    on_process_0(lambda: _write_model_dir(
+        path, info, host_copy(state), ocp.options.MultiprocessingOptions(active_processes={0})),
+        f"writing the model directory {path}")
     return path
 
 

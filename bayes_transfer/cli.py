@@ -84,28 +84,6 @@ def _primary() -> bool:
     return jax.process_index() == 0
 
 
-def _on_primary(write, what: str) -> None:
-    """Run ``write()`` on process 0 of a multi-process run while the other processes
-    wait for it. Every process joins one collective afterwards, whether the write
-    worked or raised, so a failure on process 0 fails every process instead of leaving
-    the others waiting for a file that never comes."""
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    error = None
-    if jax.process_index() == 0:
-        try:
-            write()
-        except Exception as e:    # re-raised below, after the others have been told
-            error = e
-    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-    if error is not None:
-        raise error
-    if int(failed):
-        raise BayesTransferError(f"process 0 failed {what}; its output says why")
-
-
 def _softmax(logits):
     import jax
     import numpy as np
@@ -177,8 +155,9 @@ def cmd_learn_prior(args):
         # Every process holds the same replicated prior: process 0 writes its own copy
         # alone (save_prior never waits for the other processes) and the others wait
         # until the artifact is in place.
-        _on_primary(lambda: save_prior(prior, args.out, overwrite=args.overwrite),
-                    f"writing the prior artifact {args.out}")
+        from bayes_transfer.train import on_process_0
+        on_process_0(lambda: save_prior(prior, args.out, overwrite=args.overwrite),
+                     f"writing the prior artifact {args.out}")
     if _primary():
         key = "linear_probe_accuracy" if args.method == "simclr" else "source_accuracy"
         print(f"saved {prior} to {args.out}; {key.replace('_', ' ')} "

@@ -105,6 +105,26 @@ def host_copy(tree):
     return jax.tree.map(one, tree)
 
 
+def on_process_0(write, what: str) -> None:
+    """Run ``write()`` on process 0 of a multi-process run while the other processes
+    wait for it. Every process joins one collective afterwards, whether the write
+    worked or raised, so a failure on process 0 fails every process instead of leaving
+    the others waiting for a file that never comes."""
+    from jax.experimental import multihost_utils
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            write()
+        except Exception as e:    # re-raised below, after the others have been told
+            error = e
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if error is not None:
+        raise error
+    if int(failed):
+        raise BayesTransferError(f"process 0 failed {what}; its output says why")
+
+
 def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     """The optax optimizer a config describes (cached: the same settings give the same
     object, so the jitted step is reused across runs instead of recompiled)."""
