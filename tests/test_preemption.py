@@ -8,8 +8,9 @@ This file is also the driver script: ``python tests/test_preemption.py OUT CKPT`
 the pipeline, skipping the stages whose output already exists (each is written
 atomically), and resuming the interrupted one from its checkpoints.
 
-The test kills the driver for real (SIGKILL, no clean-up) at least twice in each of the
-three phases, at points drawn from a seeded RNG (a checkpoint step to wait for, then a
+The test kills the driver for real (SIGKILL, no clean-up) twice in each of the three
+phases (once, where the first kill's delay let a short phase run past its last
+checkpoint), at points drawn from a seeded RNG (a checkpoint step to wait for, then a
 random delay, so a kill may land mid-step, mid-save or mid-evaluation), reruns the same
 command until it exits 0, and compares with an uninterrupted run of the same seed: the
 prior artifact's arrays and metadata (all but the creation time and the digests that
@@ -122,10 +123,16 @@ def _progress(runs: list[Path]) -> int:
     return total
 
 
-def _kill_once(out, ckpt, env, runs, step: int, delay: float) -> None:
+def _kill_once(out, ckpt, env, runs, step: int, last: int, delay: float) -> bool:
     """Start the pipeline, wait until the phase has checkpointed ``step`` steps (and at
-    least one more in this process), wait ``delay`` seconds more and SIGKILL it."""
+    least one more in this process), wait ``delay`` seconds more and SIGKILL it.
+
+    Returns False, without starting anything, when an earlier kill's delay already let
+    the phase run past ``last``, its last checkpoint before the end: a fast machine can
+    finish a short phase within the delay, and there is nothing left to interrupt."""
     target = max(step, _progress(runs()) + 1)
+    if target > last:
+        return False
     proc = subprocess.Popen(_command(out, ckpt), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 240
@@ -140,6 +147,7 @@ def _kill_once(out, ckpt, env, runs, step: int, delay: float) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
+    return True
 
 
 def _finish(out, ckpt, env) -> None:
@@ -178,11 +186,13 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_result(tmp_path):
     kills = []
     for name, runs, steps in phases:
         # Two kill points per phase, increasing, each followed by a random delay.
-        points = np.sort(rng.choice(np.arange(1, steps - CHECKPOINT_EVERY), 2, replace=False))
-        for step in points:
-            delay = float(rng.uniform(0.0, 0.3))
-            _kill_once(out, ckpt, env, runs, int(step), delay)
-            kills.append((name, int(step), round(delay, 3)))
+        # The first delay is short, so the second kill still finds the phase running.
+        last = steps - CHECKPOINT_EVERY
+        points = np.sort(rng.choice(np.arange(1, last), 2, replace=False))
+        for step, longest in zip(points, (0.05, 0.3)):
+            delay = float(rng.uniform(0.0, longest))
+            if _kill_once(out, ckpt, env, runs, int(step), last, delay):
+                kills.append((name, int(step), round(delay, 3)))
     assert not (out / "finetune.json").exists()
     _finish(out, ckpt, env)
     print(f"\nuninterrupted run {t1 - t0:.1f} s; {len(kills)} kills (phase, checkpointed "
