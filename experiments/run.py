@@ -23,7 +23,8 @@ lowrank``) is MAP fine-tuning; ``sgld:M`` and ``swag:M`` are the Bayesian model 
 of SGLD / downstream-SWAG samples under prior M, started from M's MAP solution with its
 λ. A config's ``"variants"`` name further MAP methods: ``{"lowrank-reinit1": {"method":
 "lowrank", "reinit_top": 1}}``, any ``FinetuneConfig`` field (``reinit_top``,
-``layer_lr``, ``l2``) on top of a base method (non-binary transfer). The tuning budget is the same for every method: each learning rate × each effective
+``layer_lr``, ``layer_lr_decay``, ``l2``) on top of a base method (non-binary transfer).
+The tuning budget is the same for every method: each learning rate × each effective
 prior variance (plus the no-prior limit), ``steps`` optimizer steps each, chosen on the
 validation split (``select_by``); the test split is read only for the chosen run. The
 samplers take the MAP run's λ and learning-rate choice; their own settings are fixed in
@@ -55,6 +56,8 @@ from bayes_transfer.errors import BayesTransferError  # noqa: E402
 from bayes_transfer.prior import METHODS  # noqa: E402
 
 SAMPLERS = ("sgld", "swag")
+#: FinetuneConfig fields a variant may set (non-binary transfer).
+VARIANT_KEYS = ("reinit_top", "layer_lr", "layer_lr_decay", "l2")
 METRICS = ("error", "nll", "ece", "brier")
 DEFAULT_TUNING = {"learning_rates": [1e-2], "variances": [1.0, 10.0, 100.0], "steps": 125,
                   "batch_size": 32, "select_by": "nll", "head_decay": 1e-4}
@@ -84,10 +87,10 @@ def check_config(config: dict, where: str = "config") -> dict:
         if variant.get("method") not in METHODS:
             raise BayesTransferError(f"{where}: variant {name!r} needs a 'method', one of "
                                      f"{METHODS}")
-        unknown = set(variant) - {"method", "reinit_top", "layer_lr", "l2"}
+        unknown = set(variant) - {"method", *VARIANT_KEYS}
         if unknown:
             raise BayesTransferError(f"{where}: variant {name!r} has unknown keys "
-                                     f"{sorted(unknown)}; use reinit_top, layer_lr, l2")
+                                     f"{sorted(unknown)}; use {', '.join(VARIANT_KEYS)}")
     for method in config["methods"]:
         sampler, _, base = method.rpartition(":")
         if sampler and base in variants:

@@ -232,7 +232,7 @@ def test_layer_lr_scales_the_backbone_step(splits, prior):
     moves = {}
     for factor in (1.0, 0.25):
         cfg = FinetuneConfig(train=one_step, layer_lr=factor)
-        tx = _layer_lr_optimizer(cfg, len(splits.train), prior.spec.paths)
+        tx = _layer_lr_optimizer(cfg, len(splits.train), prior.spec.paths, fresh)
         res = fit(model, splits.train, loss, one_step, aux=prior, params=prior.init_params(fresh),
                   optimizer=tx)
         assert int(res.state.step) == 1
@@ -241,6 +241,49 @@ def test_layer_lr_scales_the_backbone_step(splits, prior):
     for path, move in moves[0.25].items():
         expected = (0.25 if path.startswith("backbone/") else 1.0) * moves[1.0][path]
         np.testing.assert_allclose(move, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_layer_lr_decay_gives_each_block_its_own_step(splits, prior):
+    """One Adam step with layer_lr=0.5, decay 0.25: the j-th block below the top moves
+    0.5·0.25ʲ times as far as with no multipliers, the head as far."""
+    from bayes_transfer.inference.map import _layer_lr_optimizer
+
+    model = models.create("small_cnn", 10, seed=0, width=0.25)
+    _, fresh, _ = split_model(model)
+    start = flatten_with_paths(prior.init_params(fresh))
+    one_step = dataclasses.replace(TINY, epochs=0.5)
+    loss = map_loss(len(splits.train))
+    blocks = backbone_blocks(fresh)
+    assert len(blocks) >= 3
+    depth = {p: j for j, (_, paths) in enumerate(reversed(blocks)) for p in paths}
+    moves = {}
+    for lr, decay in ((1.0, 1.0), (0.5, 0.25)):
+        cfg = FinetuneConfig(train=one_step, layer_lr=lr, layer_lr_decay=decay)
+        tx = _layer_lr_optimizer(cfg, len(splits.train), prior.spec.paths, fresh)
+        assert (tx is None) == (lr == 1.0 and decay == 1.0)
+        res = fit(model, splits.train, loss, one_step, aux=prior, params=prior.init_params(fresh),
+                  optimizer=tx)
+        moves[decay] = {p: np.asarray(x) - np.asarray(start[p])
+                        for p, x in flatten_with_paths(res.params).items()}
+    for path, move in moves[0.25].items():
+        factor = 0.5 * 0.25 ** depth[path] if path in depth else 1.0
+        np.testing.assert_allclose(move, factor * moves[1.0][path], rtol=1e-4, atol=1e-7)
+
+
+def test_layer_lr_decay_counts_only_transferred_blocks(prior):
+    from bayes_transfer.inference.map import _layer_lr_optimizer, layer_lr_factors
+
+    _, fresh, _ = split_model(models.create("small_cnn", 10, seed=0, width=0.25))
+    top = set(top_block_paths(fresh, 1))
+    kept = [p for p in prior.spec.paths if p not in top]     # as after reinit_top=1
+    factors = layer_lr_factors(kept, fresh, 0.1, 0.5)
+    assert set(factors) == set(kept)
+    below = top_block_paths(fresh, 2)
+    second = [p for p in below if p not in top]
+    assert second and all(factors[p] == 0.1 for p in second)  # the top transferred block
+    assert sorted(set(factors.values()), reverse=True)[:2] == [0.1, 0.05]
+    with pytest.raises(bt.BayesTransferError, match="layer_lr_decay"):
+        _layer_lr_optimizer(FinetuneConfig(layer_lr_decay=-1.0), 10, kept, fresh)
 
 
 def test_l2_adds_half_l2_times_the_squared_norm(splits, prior):

@@ -53,7 +53,10 @@ class FinetuneConfig:
     to the kept leaves' variances). ``layer_lr`` multiplies the learning rate of the
     parameters the (restricted) prior covers, the transferred ones, relative to the
     head and the re-initialised blocks (0 freezes them; BatchNorm statistics still
-    adapt). ``l2`` adds a plain L2 on every trainable parameter (:func:`with_l2`), so
+    adapt). ``layer_lr_decay=γ`` makes that layer-wise (discriminative fine-tuning,
+    Howard & Ruder 2018): the j-th transferred block below the top one, in
+    :func:`backbone_blocks` order, gets ``layer_lr·γʲ``, so the layers nearest the input,
+    the most generic ones, move least. ``l2`` adds a plain L2 on every trainable parameter (:func:`with_l2`), so
     ``method="l2sp"`` with ``l2 > 0`` is L2-SP + L2. The defaults change nothing.
     """
 
@@ -71,6 +74,7 @@ class FinetuneConfig:
                                      # initialisation, outside the prior (backbone_blocks)
     layer_lr: float = 1.0            # learning-rate multiplier of the transferred (prior-
                                      # covered) parameters relative to the head's
+    layer_lr_decay: float = 1.0      # ×γ per transferred block further from the top
     l2: float = 0.0                  # plain L2, ½·l2·‖θ‖² over every trainable parameter,
                                      # on top of the prior (L2-SP + L2) and head_decay
 
@@ -154,7 +158,7 @@ def finetune(
     num_train = len(splits.train)
     loss = map_loss(num_train, head_decay=config.head_decay) if loss_fn is None else loss_fn
     loss = with_l2(loss, config.l2)
-    optimizer = _layer_lr_optimizer(config, num_train, method_prior.spec.paths)
+    optimizer = _layer_lr_optimizer(config, num_train, method_prior.spec.paths, params)
     evaluate = evaluate_classification if evaluate is None else evaluate
     sign = -1.0 if config.select_by in HIGHER_IS_BETTER else 1.0
     if scale == "auto":
@@ -318,33 +322,54 @@ def with_l2(loss_fn: Callable, l2: float) -> Callable:
     return loss
 
 
-def scale_updates_of(paths, factor: float) -> optax.GradientTransformation:
-    """Multiply the updates of the leaves at ``paths`` by ``factor`` (others unchanged).
+def scale_updates_of(factors) -> optax.GradientTransformation:
+    """Multiply each leaf's updates by ``factors[path]`` (leaves not in it unchanged).
 
     Chained after an optimizer it multiplies those leaves' learning rate: exactly for
     SGD (momentum included) and Adam, whose updates are linear in the learning rate.
     """
-    paths = frozenset(paths)
+    factors = dict(factors)
 
     def update(updates, state, params=None):
-        return map_with_paths(lambda p, u: u * factor if p in paths else u, updates), state
+        return map_with_paths(lambda p, u: u * factors[p] if p in factors else u,
+                              updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 @functools.lru_cache(maxsize=32)
-def _scaled_optimizer(tx, paths: tuple[str, ...], factor: float):
-    # cached: the same (optimizer, paths, factor) object reuses the compiled step
-    return optax.chain(tx, scale_updates_of(paths, factor))
+def _scaled_optimizer(tx, factors: tuple[tuple[str, float], ...]):
+    # cached: the same (optimizer, factors) reuses the compiled step across a λ sweep
+    return optax.chain(tx, scale_updates_of(factors))
 
 
-def _layer_lr_optimizer(config: FinetuneConfig, num_train: int, paths):
-    """None (fit's own optimizer) unless ``config.layer_lr != 1``."""
-    if config.layer_lr == 1.0:
+def layer_lr_factors(paths, params, layer_lr: float, decay: float = 1.0,
+                     rule: str = BACKBONE_RULE) -> dict[str, float]:
+    """{path: learning-rate multiplier} of the transferred leaves ``paths``: ``layer_lr``
+    for the top transferred block, ×``decay`` for each transferred block below it."""
+    paths = set(paths)
+    factors, depth = {}, 0
+    for _, block in reversed(backbone_blocks(params, rule)):
+        covered = [p for p in block if p in paths]
+        if covered:
+            factors.update({p: layer_lr * decay ** depth for p in covered})
+            depth += 1
+    # covered leaves outside the backbone's blocks (none for the built-in models)
+    factors.update({p: layer_lr for p in paths - set(factors)})
+    return factors
+
+
+def _layer_lr_optimizer(config: FinetuneConfig, num_train: int, paths, params):
+    """None (fit's own optimizer) unless ``layer_lr`` or ``layer_lr_decay`` is not 1."""
+    if config.layer_lr == 1.0 and config.layer_lr_decay == 1.0:
         return None
-    if config.layer_lr < 0 or not math.isfinite(config.layer_lr):
-        raise BayesTransferError(f"layer_lr must be a finite number >= 0, got {config.layer_lr}")
+    for name in ("layer_lr", "layer_lr_decay"):
+        value = getattr(config, name)
+        if value < 0 or not math.isfinite(value):
+            raise BayesTransferError(f"{name} must be a finite number >= 0, got {value}")
     train = config.train
     # the same number of steps as fit computes, so the schedule is the same
     total = max(1, math.ceil(train.epochs * btdata.num_batches(num_train, train.batch_size)))
-    return _scaled_optimizer(make_optimizer(train, total), tuple(paths), float(config.layer_lr))
+    factors = layer_lr_factors(paths, params, float(config.layer_lr),
+                               float(config.layer_lr_decay))
+    return _scaled_optimizer(make_optimizer(train, total), tuple(sorted(factors.items())))
