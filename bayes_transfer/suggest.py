@@ -13,10 +13,17 @@ The rule (simple on purpose; ``experiments/`` checks it against sweeps):
 
 1. **Prior strength.** With the effective variances v₁ < … < v_m of the fine-tuning
    grid (``FinetuneConfig.variances``; small v = strong prior), the suggestion is
-   v_i with i = round((1 − q)·(m − 1)): features that already separate the target
-   classes (q → 1) keep the backbone close to the prior mean, poor ones (q → 0) get
-   the weakest prior. If the gain is ≤ ``min_gain`` (the source features are no
-   better than random ones) the weakest prior is suggested whatever q is.
+   v_i with i = round((1 − q)·(m − 1)) + ``offset`` (clipped to the grid): features
+   that already separate the target classes (q → 1) keep the backbone close to the
+   prior mean, poor ones (q → 0) get the weakest prior. If the gain is ≤ ``min_gain``
+   (the source features are no better than random ones) the weakest prior is
+   suggested whatever q is.
+
+   ``offset = 1`` (one grid step weaker) is calibrated on validation choices only:
+   over the 21 sweeps of ``experiments/configs/source_fashion59.json`` at 10 per class
+   (7 sources × 3 seeds), offset 0 matched the variance validation chose 2 times,
+   offset 1 10 times, offset 2 5 times (``experiments/suggest_check.py --offsets``).
+   RESULTS.md checks it on a held-out target (MNIST-5k).
 2. **Re-initialisation.** ``reinit_top = 1`` (the top backbone block starts fresh and
    leaves the prior) when q < ``reinit_below`` or the gain is ≤ ``min_gain``; else 0.
 3. **Layer-wise learning rate.** Not suggested: ``layer_lr = 1``.
@@ -39,7 +46,7 @@ from bayes_transfer.errors import BayesTransferError
 from bayes_transfer.inference.map import DEFAULT_VARIANCES, FinetuneConfig
 from bayes_transfer.transferability import transferability
 
-__all__ = ["Suggestion", "suggest"]
+__all__ = ["Suggestion", "rule", "suggest"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +108,7 @@ class Suggestion:
 def suggest(prior_or_model, target_splits, *, model: nnx.Module | None = None,
             variances: tuple[float, ...] = DEFAULT_VARIANCES, k: int = 5,
             baseline: bool = True, reinit_below: float = 0.5, min_gain: float = 0.0,
-            seed: int = 0) -> Suggestion:
+            offset: int = 1, seed: int = 0) -> Suggestion:
     """Propose fine-tuning settings for ``target_splits`` from a transferability measure
     (module docstring: the measure and the rule).
 
@@ -115,6 +122,7 @@ def suggest(prior_or_model, target_splits, *, model: nnx.Module | None = None,
         gain; skipped for a model that is not a ``bayes_transfer`` classifier.
       reinit_below: q under which the top block is re-initialised.
       min_gain: a gain at or below it counts as "no better than random".
+      offset: grid steps added to the position q maps to (module docstring: rule 1).
     """
     if not variances:
         raise BayesTransferError("suggest needs at least one candidate variance")
@@ -126,6 +134,16 @@ def suggest(prior_or_model, target_splits, *, model: nnx.Module | None = None,
                         knn_normalized_random=rnd["knn_normalized"],
                         gain=measures["knn_normalized"] - rnd["knn_normalized"],
                         logme_gain=measures["logme"] - rnd["logme"])
+    variance, reinit, reasons = rule(measures, variances, reinit_below=reinit_below,
+                                     min_gain=min_gain, offset=offset)
+    return Suggestion(measures=measures, variance=variance, reinit_top=reinit, layer_lr=1.0,
+                      reasons=reasons)
+
+
+def rule(measures: dict, variances, *, reinit_below: float = 0.5, min_gain: float = 0.0,
+         offset: int = 1) -> tuple[float, int, tuple[str, ...]]:
+    """(variance, reinit_top, reasons) from ``measures`` (module docstring: the rule);
+    separate from :func:`suggest` so it can be re-applied to stored measures."""
     q = min(max(measures["knn_normalized"], 0.0), 1.0)
     grid = sorted(float(v) for v in variances)
     no_gain = "gain" in measures and measures["gain"] <= min_gain
@@ -135,17 +153,16 @@ def suggest(prior_or_model, target_splits, *, model: nnx.Module | None = None,
         reasons.append(f"The source features are no better than random ones (gain "
                        f"{measures['gain']:+.3f} <= {min_gain:g}): weakest prior of the grid.")
     else:
-        index = int(round((1.0 - q) * (len(grid) - 1)))
+        index = min(max(int(round((1.0 - q) * (len(grid) - 1))) + offset, 0), len(grid) - 1)
         variance = grid[index]
-        reasons.append(f"q = {q:.3f} maps to grid position round((1 - q)·{len(grid) - 1}) = "
-                       f"{index} of {grid} (small variance = strong prior).")
+        reasons.append(f"q = {q:.3f} maps to grid position round((1 - q)·{len(grid) - 1}) "
+                       f"{offset:+d} = {index} of {grid} (small variance = strong prior).")
     reinit = 1 if (no_gain or q < reinit_below) else 0
     reasons.append(f"reinit_top={reinit}: " + (
         "the top block starts fresh, outside the prior." if reinit else
         f"q >= {reinit_below:g} and the features beat random ones, so every block is "
         f"transferred."))
-    return Suggestion(measures=measures, variance=variance, reinit_top=reinit, layer_lr=1.0,
-                      reasons=tuple(reasons))
+    return variance, reinit, tuple(reasons)
 
 
 def _random_model(prior_or_model, model, seed: int):

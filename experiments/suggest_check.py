@@ -12,7 +12,11 @@ beside it, what the sweep chose on validation for the same method and its test
 metrics. With several priors or shots values it also reports how the measures
 (normalised kNN accuracy, LogME) rank-correlate with the sweep's chosen variance and
 with the prior's NLL gain over standard fine-tuning (Spearman, over every prior ×
-shots × seed). Writes ``suggest.json`` into the runner's result directory.
+shots × seed), and how often each grid ``offset`` of the rule would have picked the
+sweep's variance (validation choices only: this is how ``offset`` was calibrated).
+Writes ``suggest.json`` into the runner's result directory; a rerun reuses the
+fine-tuning results stored there for suggestions that did not change (same seed,
+variance and re-initialisation: the run would be identical).
 """
 from __future__ import annotations
 
@@ -33,22 +37,29 @@ import run as runner  # noqa: E402
 from bayes_transfer import data as btdata  # noqa: E402
 from bayes_transfer.demo import model_for, resolve_prior  # noqa: E402
 from bayes_transfer.inference.map import finetune  # noqa: E402
-from bayes_transfer.suggest import suggest  # noqa: E402
+from bayes_transfer.suggest import rule, suggest  # noqa: E402
+
+OFFSETS = (-1, 0, 1, 2)
 
 
-def _check(prior_label, prior, shots, seed, row, config, method):
+def _check(prior_label, prior, shots, seed, row, config, method, previous):
     target, tuning = config["target"], config["tuning"]
     splits = btdata.load(target["dataset"], classes=target.get("classes"),
                          shots_per_class=None if shots == "all" else shots, seed=seed)
     s = suggest(prior, splits, variances=tuple(tuning["variances"]), seed=seed)
-    fconf = runner.finetune_config(tuning, row["learning_rate"], len(splits.train), seed)
-    res = finetune(model_for(prior, splits.train.num_classes, seed), splits, prior, method,
-                   config=s.finetune_config(fconf))
+    old = previous.get((prior_label, shots, seed), {}).get("suggested", {})
+    if (old.get("variance"), old.get("reinit_top")) == (s.variance, s.reinit_top):
+        test, val = old["test"], old["val"]
+    else:
+        fconf = runner.finetune_config(tuning, row["learning_rate"], len(splits.train), seed)
+        res = finetune(model_for(prior, splits.train.num_classes, seed), splits, prior, method,
+                       config=s.finetune_config(fconf))
+        test, val = res.metrics, res.val_metrics
     mean_var = float(np.mean(np.asarray(prior.for_method(method).base_variance(), np.float64)))
     sweep_var = row["scale"] * mean_var if math.isfinite(row["scale"]) else math.inf
     return {"prior": prior_label, "shots": shots, "seed": seed, "measures": s.measures,
             "suggested": {"variance": s.variance, "reinit_top": s.reinit_top,
-                          "test": res.metrics, "val": res.val_metrics},
+                          "test": test, "val": val},
             "sweep": {"variance": sweep_var, "test": row["test"], "val": row["val"]}}
 
 
@@ -74,6 +85,23 @@ def correlations(report: list[dict], rows: list[dict]) -> dict:
     return out
 
 
+def offset_calibration(report: list[dict], variances) -> dict:
+    """For each grid offset of the rule: how often it picks the sweep's (validation-
+    chosen) variance, and the mean |log10 v − log10 v_sweep| (no prior counted as a
+    decade above the grid's weakest)."""
+    top = 10 * max(variances)
+    out = {}
+    for offset in OFFSETS:
+        picks = [rule(e["measures"], variances, offset=offset)[0] for e in report]
+        sweep = [e["sweep"]["variance"] for e in report]
+        out[offset] = {
+            "matches": sum(math.isclose(v, w, rel_tol=1e-3) for v, w in zip(picks, sweep)),
+            "n": len(report),
+            "mean_abs_log10": float(np.mean([abs(math.log10(v) - math.log10(min(w, top)))
+                                             for v, w in zip(picks, sweep)]))}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
@@ -87,6 +115,9 @@ def main(argv=None) -> int:
     config = runner.load_config(args.config)
     out = Path(args.out or ROOT / "experiments" / "results" / config["name"])
     rows = runner.read_rows(out / "runs.jsonl")
+    stored = out / "suggest.json"
+    previous = {} if not stored.exists() else {
+        (e["prior"], e["shots"], e["seed"]): e for e in json.loads(stored.read_text())["entries"]}
     shots_list = config["shots"] if args.shots is None else [
         v if v == "all" else int(v) for v in args.shots.split(",")]
     report = []
@@ -100,7 +131,7 @@ def main(argv=None) -> int:
                     print(f"{label} shots={shots} seed={seed}: no runner result for "
                           f"{args.method} (run experiments/run.py first)")
                     continue
-                e = _check(label, prior, shots, seed, row, config, args.method)
+                e = _check(label, prior, shots, seed, row, config, args.method, previous)
                 report.append(e)
                 sug, sw = e["suggested"], e["sweep"]
                 print(f"{label} shots={shots} seed={seed}: q={e['measures']['knn_normalized']:.3f} "
@@ -128,9 +159,16 @@ def main(argv=None) -> int:
     corr = correlations(report, rows)
     for name, c in corr.items():
         print(f"Spearman {name}: rho = {c['rho']:+.2f} (p = {c['p']:.2g}, n = {c['n']})")
-    (out / "suggest.json").write_text(json.dumps(
+    offsets = offset_calibration(report, config["tuning"]["variances"])
+    for offset, c in offsets.items():
+        print(f"offset {offset:+d}: picks the sweep's variance on {c['matches']}/{c['n']}; "
+              f"mean |Δlog10 v| = {c['mean_abs_log10']:.2f}")
+    tmp = out / "suggest.json.tmp"
+    tmp.write_text(json.dumps(
         {"config": args.config, "method": args.method, "summary": summary,
-         "correlations": corr, "entries": report}, indent=2, default=float))
+         "correlations": corr, "offsets": offsets, "entries": report}, indent=2,
+        default=float))
+    tmp.replace(stored)
     print(f"wrote {out / 'suggest.json'}")
     return 0
 

@@ -126,14 +126,17 @@ def test_transferability_and_suggest_end_to_end(splits, prior):
 
 
 def test_suggest_rule_direction(monkeypatch, prior, splits):
-    """High q → strongest prior, no re-init; low q → weakest prior and re-init."""
+    """High q → strong prior, no re-init; low q → weakest prior and re-init; ``offset``
+    moves the choice along the grid, clipped at its ends."""
     module = importlib.import_module("bayes_transfer.suggest")   # bt.suggest is the function
-    for q, v, r in [(0.95, 1e-2, 0), (0.1, 100.0, 1)]:
+    for q, offset, v, r in [(0.95, 0, 1e-2, 0), (0.95, 1, 1.0, 0), (0.95, -3, 1e-2, 0),
+                            (0.5, 0, 1.0, 0), (0.5, 1, 100.0, 0), (0.1, 1, 100.0, 1)]:
         fake = {"logme": 0.0, "knn": q, "knn_chance": 0.0, "knn_normalized": q,
                 "num_examples": 10}
         monkeypatch.setattr(module, "transferability", lambda *a, fake=fake, **kw: fake)
-        s = module.suggest(prior, splits, variances=(1e-2, 1.0, 100.0), baseline=False)
-        assert (s.variance, s.reinit_top) == (v, r)
+        s = module.suggest(prior, splits, variances=(1e-2, 1.0, 100.0), baseline=False,
+                           offset=offset)
+        assert (s.variance, s.reinit_top) == (v, r), (q, offset)
 
 
 # ---------------------------------------------------------------------------- non-binary transfer
