@@ -587,6 +587,35 @@ def test_lowrank_log_prob_and_grad_float32_and_bfloat16_storage(monkeypatch, fus
                                        atol=1e-4 * np.abs(ref_g).max(), err_msg=what)
 
 
+def test_value_and_grad_temporaries_at_large_d():
+    """XLA's memory analysis of the jitted value and gradient at d ≥ _MATVEC_MAX_DIM
+    (compiled for abstract arrays, nothing allocated): no d-sized temporary for a (d,)
+    θ, at most two for a tree (the ravelled θ and the term split into the leaves'
+    gradients; see docs/benchmarks.md), float32 and bfloat16 storage."""
+    from jax import ShapeDtypeStruct as S
+
+    import bayes_transfer.prior as prior_module
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the memory analysis is for XLA:CPU")
+    with jax.enable_x64(False):
+        shapes = {"a": (3, 3, 256, 512), "b": (512,), "c": (1024, 1024), "d": (700, 3000)}
+        spec32 = ParamSpec(paths=tuple(f"backbone/{k}" for k in shapes),
+                           shapes=tuple(shapes.values()), dtypes=("float32",) * len(shapes))
+        d, k, f32 = spec32.size, 20, jnp.float32
+        assert d >= prior_module._MATVEC_MAX_DIM
+        tree = {"backbone": {name: S(s, f32) for name, s in shapes.items()}}
+        value_and_grad = jax.jit(lambda p, t: jax.value_and_grad(p.log_prob)(t))
+        for storage in (jnp.float32, jnp.bfloat16):
+            prior = Prior(mean=S((d,), storage), var=S((d,), storage),
+                          deviations=S((k, d), storage), scale=S((), f32), floor=S((), f32),
+                          chol=S((k, k), f32), spec=spec32, kind="lowrank", logdet=S((), f32))
+            for theta, most in ((S((d,), f32), 0.05), (tree, 2.05)):
+                compiled = value_and_grad.lower(prior, theta).compile()
+                temp = compiled.memory_analysis().temp_size_in_bytes
+                assert temp <= most * 4 * d, (jnp.dtype(storage).name, type(theta), temp / d)
+
+
 def test_capacitance_of_a_bfloat16_factor_on_the_host(monkeypatch):
     """A bfloat16 factor's capacitance is built in NumPy, a block of columns at a time
     (XLA:CPU would upcast the whole factor): the same factor as the XLA path."""
