@@ -56,8 +56,9 @@ class FinetuneConfig:
     adapt). ``layer_lr_decay=γ`` makes that layer-wise (discriminative fine-tuning,
     Howard & Ruder 2018): the j-th transferred block below the top one, in
     :func:`backbone_blocks` order, gets ``layer_lr·γʲ``, so the layers nearest the input,
-    the most generic ones, move least. ``l2`` adds a plain L2 on every trainable parameter (:func:`with_l2`), so
-    ``method="l2sp"`` with ``l2 > 0`` is L2-SP + L2. The defaults change nothing.
+    the most generic ones, move least. ``l2`` adds a plain L2 on every trainable
+    parameter (:func:`with_l2`), so ``method="l2sp"`` with ``l2 > 0`` is L2-SP + L2. The
+    defaults change nothing.
     """
 
     # Adam, not SGD: a strong learned prior is a stiff quadratic (curvature up to
