@@ -120,6 +120,7 @@ def cmd_learn_prior(args):
     from bayes_transfer.artifact import save_prior
     from bayes_transfer.learn import LearnPriorConfig, learn_prior
     from bayes_transfer.swag import SwagConfig
+    from bayes_transfer.train import on_process_0
 
     if jax.process_count() > 1:
         # Several processes: say now, on every process, what save_prior would refuse
@@ -149,15 +150,10 @@ def cmd_learn_prior(args):
                            metadata=meta, **loss_kw)
     if args.dtype == "bfloat16":
         prior = prior.astype(jnp.bfloat16)
-    if jax.process_count() == 1:
-        save_prior(prior, args.out, overwrite=args.overwrite)
-    else:
-        # Every process holds the same replicated prior: process 0 writes its own copy
-        # alone (save_prior never waits for the other processes) and the others wait
-        # until the artifact is in place.
-        from bayes_transfer.train import on_process_0
-        on_process_0(lambda: save_prior(prior, args.out, overwrite=args.overwrite),
-                     f"writing the prior artifact {args.out}")
+    # With several processes every one holds the same replicated prior: process 0 writes
+    # its own copy alone (save_prior never waits for the others), the others wait.
+    on_process_0(lambda: save_prior(prior, args.out, overwrite=args.overwrite),
+                 f"writing the prior artifact {args.out}")
     if _primary():
         key = "linear_probe_accuracy" if args.method == "simclr" else "source_accuracy"
         print(f"saved {prior} to {args.out}; {key.replace('_', ' ')} "

@@ -109,9 +109,12 @@ def on_process_0(write, what: str) -> None:
     """Run ``write()`` on process 0 of a multi-process run while the other processes
     wait for it. Every process joins one collective afterwards, whether the write
     worked or raised, so a failure on process 0 fails every process instead of leaving
-    the others waiting for a file that never comes."""
+    the others waiting for a file that never comes. One process: just ``write()``."""
     from jax.experimental import multihost_utils
 
+    if jax.process_count() == 1:
+        write()
+        return
     error = None
     if jax.process_index() == 0:
         try:

@@ -261,8 +261,13 @@ def run(config: dict, out_dir) -> dict:
                                     probs=probs, labels=splits.test.labels)
             bar.update(1)
     bar.close()
-    rows = read_rows(runs_path)
-    summary = summarize(rows, config)
+    return report(config, out)
+
+
+def report(config: dict, out: Path) -> dict:
+    """Summary (JSON and Markdown), figures and the config they cover, from runs.jsonl."""
+    summary = summarize(read_rows(out / "runs.jsonl"), config)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(format_summary(summary, config))
     figures(summary, config, out)
@@ -387,12 +392,7 @@ def main(argv=None) -> None:
         config = load_config(args.config, seeds=args.seeds, shots=shots, methods=methods)
         out = Path(args.out or ROOT / "experiments" / "results" / config["name"])
         if args.report_only:
-            summary = summarize(read_rows(out / "runs.jsonl"), config)
-            (out / "config.json").write_text(json.dumps(config, indent=2))  # what it covers
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            (out / "summary.md").write_text(format_summary(summary, config))
-            figures(summary, config, out)
-            print(format_summary(summary, config))
+            report(config, out)
             return
         t0 = time.perf_counter()
         run(config, out)
