@@ -12,11 +12,10 @@ beside it, what the sweep chose on validation for the same method and its test
 metrics. With several priors or shots values it also reports how the measures
 (normalised kNN accuracy, LogME) rank-correlate with the sweep's chosen variance and
 with the prior's NLL gain over standard fine-tuning (Spearman, over every prior ×
-shots × seed), and how often each grid ``offset`` of the rule would have picked the
-sweep's variance (validation choices only: this is how ``offset`` was calibrated).
-Writes ``suggest.json`` into the runner's result directory; a rerun reuses the
+shots × seed). Writes ``suggest.json`` into the runner's result directory; a rerun reuses the
 fine-tuning results stored there for suggestions that did not change (same seed,
 variance and re-initialisation: the run would be identical).
+``experiments/suggest_calibrate.py`` reads these files to calibrate the rule.
 """
 from __future__ import annotations
 
@@ -37,10 +36,7 @@ import run as runner  # noqa: E402
 from bayes_transfer import data as btdata  # noqa: E402
 from bayes_transfer.demo import model_for, resolve_prior  # noqa: E402
 from bayes_transfer.inference.map import finetune  # noqa: E402
-from bayes_transfer.suggest import rule, suggest  # noqa: E402
-
-OFFSETS = (-1, 0, 1, 2)
-
+from bayes_transfer.suggest import suggest  # noqa: E402
 
 def _check(prior_label, prior, shots, seed, row, config, method, previous):
     target, tuning = config["target"], config["tuning"]
@@ -82,23 +78,6 @@ def correlations(report: list[dict], rows: list[dict]) -> dict:
             if len(ok) >= 4:
                 rho, p = stats.spearmanr(*zip(*ok))
                 out[f"{measure}~{name}"] = {"rho": float(rho), "p": float(p), "n": len(ok)}
-    return out
-
-
-def offset_calibration(report: list[dict], variances) -> dict:
-    """For each grid offset of the rule: how often it picks the sweep's (validation-
-    chosen) variance, and the mean |log10 v − log10 v_sweep| (no prior counted as a
-    decade above the grid's weakest)."""
-    top = 10 * max(variances)
-    out = {}
-    for offset in OFFSETS:
-        picks = [rule(e["measures"], variances, offset=offset)[0] for e in report]
-        sweep = [e["sweep"]["variance"] for e in report]
-        out[offset] = {
-            "matches": sum(math.isclose(v, w, rel_tol=1e-3) for v, w in zip(picks, sweep)),
-            "n": len(report),
-            "mean_abs_log10": float(np.mean([abs(math.log10(v) - math.log10(min(w, top)))
-                                             for v, w in zip(picks, sweep)]))}
     return out
 
 
@@ -159,14 +138,10 @@ def main(argv=None) -> int:
     corr = correlations(report, rows)
     for name, c in corr.items():
         print(f"Spearman {name}: rho = {c['rho']:+.2f} (p = {c['p']:.2g}, n = {c['n']})")
-    offsets = offset_calibration(report, config["tuning"]["variances"])
-    for offset, c in offsets.items():
-        print(f"offset {offset:+d}: picks the sweep's variance on {c['matches']}/{c['n']}; "
-              f"mean |Δlog10 v| = {c['mean_abs_log10']:.2f}")
     tmp = out / "suggest.json.tmp"
     tmp.write_text(json.dumps(
         {"config": args.config, "method": args.method, "summary": summary,
-         "correlations": corr, "offsets": offsets, "entries": report}, indent=2,
+         "correlations": corr, "entries": report}, indent=2,
         default=float))
     tmp.replace(stored)
     print(f"wrote {out / 'suggest.json'}")

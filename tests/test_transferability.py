@@ -139,6 +139,29 @@ def test_suggest_rule_direction(monkeypatch, prior, splits):
         assert (s.variance, s.reinit_top) == (v, r), (q, offset)
 
 
+def test_suggest_gain_rule_against_hand_computed_values():
+    """v* = strongest·10^((full_gain − g)/gain_per_decade), snapped to the log-nearest grid
+    value (ties to the weaker prior), strongest once g ≥ full_gain, the weakest grid
+    value with re-initialisation when g ≤ 0; q does not enter (the same gain at 1 and at
+    100 examples per class gives the same prior)."""
+    from bayes_transfer.suggest import rule
+
+    grid = (1e-2, 1e-1, 1.0, 10.0, 100.0)
+    for gain, v, r in [(0.3, 1.0, 0), (0.1, 1.0, 0), (0.075, 10.0, 0), (0.05, 100.0, 0),
+                       (0.0875, 10.0, 0),        # v* = 10^0.5: a tie, the weaker prior
+                       (0.09, 1.0, 0), (0.01, 100.0, 0), (0.0, 100.0, 1), (-0.2, 100.0, 1)]:
+        for q in (0.55, 0.9):
+            m = {"knn_normalized": q, "gain": gain}
+            assert rule(m, grid)[:2] == (v, r), (gain, q)
+    m = {"knn_normalized": 0.8, "gain": 0.05}
+    assert rule(m, grid, strongest=0.01, full_gain=0.05)[0] == 0.01
+    assert rule(m, grid, gain_per_decade=0.05)[0] == 10.0          # one decade from 1
+    assert rule(m, (0.3, 3.0, 30.0))[0] == 30.0                    # v* = 100, off a decade grid
+    assert "Gain +0.050" in rule(m, grid)[2][0]
+    with pytest.raises(bt.BayesTransferError, match="positive"):
+        rule(m, grid, gain_per_decade=0.0)
+
+
 # ---------------------------------------------------------------------------- non-binary transfer
 def _abstract_params(arch):
     """Parameter shapes only (nnx.eval_shape): no initialisation cost."""
