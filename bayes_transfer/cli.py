@@ -5,6 +5,7 @@
     bayes-transfer evaluate --model runs/fmnist --dataset fashion_mnist
     bayes-transfer learn-prior --dataset fashion_mnist --arch small_cnn --out priors/my-prior
     bayes-transfer finetune --prior priors/my-prior --dataset mnist_5k --shots 10 --method lowrank
+    bayes-transfer suggest --prior priors/my-prior --dataset mnist_5k --shots 10
 """
 from __future__ import annotations
 
@@ -82,6 +83,17 @@ def _primary() -> bool:
     result, and one copy on the shared file system is enough."""
     import jax
     return jax.process_index() == 0
+
+
+def _write_json(path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (a partial file is never left)."""
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=float)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
 
 
 def _softmax(logits):
@@ -176,7 +188,8 @@ def cmd_finetune(args):
     methods = METHODS if args.method == ["all"] else args.method
     config = FinetuneConfig(train=TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-        learning_rate=args.lr, seed=args.seed, desc="finetune"), head_decay=args.head_decay)
+        learning_rate=args.lr, seed=args.seed, desc="finetune"), head_decay=args.head_decay,
+        reinit_top=args.reinit_top)
     results, cache = [], {}
     scale = "auto" if args.scale == "auto" else float(args.scale)
     for method in methods:
@@ -196,10 +209,36 @@ def cmd_finetune(args):
         print(f"{method:10s} λ={res.scale:<9.3g} " + " ".join(
             f"{k}={res.metrics[k]:.4f}" for k in ("error", "nll", "ece", "brier")))
     if args.out and _primary():
-        with open(args.out, "w") as f:
-            json.dump({"prior": args.prior, "dataset": args.dataset, "shots": args.shots,
-                       "seed": args.seed, "results": results}, f, indent=2)
-        print(f"wrote {args.out}")
+        _write_json(args.out, {"prior": args.prior, "dataset": args.dataset,
+                               "shots": args.shots, "seed": args.seed, "results": results})
+
+
+def cmd_suggest(args):
+    import shlex
+
+    from bayes_transfer import data
+    from bayes_transfer.demo import resolve_prior
+    from bayes_transfer.suggest import suggest
+
+    prior = resolve_prior(args.prior)
+    splits = data.load(args.dataset, shots_per_class=args.shots, classes=_classes(args.classes),
+                       seed=args.seed, data_dir=args.data_dir)
+    s = suggest(prior, splits, seed=args.seed)
+    scale = s.scale(prior, args.method)
+    print(s.explain())
+    command = ["bayes-transfer", "finetune", "--prior", args.prior, "--dataset", args.dataset,
+               "--shots", str(args.shots), "--method", args.method, "--scale", f"{scale:.6g}",
+               "--reinit-top", str(s.reinit_top), "--seed", str(args.seed)]
+    if args.classes:
+        command += ["--classes", args.classes]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    print(f"λ for {args.method}: {scale:.6g}. To fine-tune with it:\n  {shlex.join(command)}")
+    if args.out and _primary():
+        _write_json(args.out, {"prior": args.prior, "dataset": args.dataset,
+                               "shots": args.shots, "seed": args.seed, "method": args.method,
+                               "scale": scale, **s.as_dict(), "reasons": list(s.reasons),
+                               "command": command})
 
 
 def cmd_demo(args):
@@ -287,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adam", choices=["sgd", "adam", "adamw"])
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--head-decay", type=float, default=1e-4)
+    p.add_argument("--reinit-top", type=int, default=0,
+                   help="re-initialise the top k backbone blocks (outside the prior)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--task", default="classification", choices=["classification", "segmentation"],
@@ -294,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     from bayes_transfer.cli_segmentation import add_segmentation_args
     add_segmentation_args(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("suggest", help="propose λ and re-initialisation from a "
+                       "transferability measure, before fine-tuning")
+    p.add_argument("--prior", required=True, help="prior name, path or URL")
+    _add_data_args(p, default="mnist_5k")
+    p.add_argument("--shots", type=int, default=10, help="examples per class (default 10)")
+    p.add_argument("--method", default="lowrank", choices=METHODS,
+                   help="the prior the λ is for (default lowrank)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the suggestion as JSON here")
+    p.set_defaults(func=cmd_suggest)
 
     from bayes_transfer.cli_priors import add_priors_parser
     add_priors_parser(sub)

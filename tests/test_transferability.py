@@ -162,6 +162,35 @@ def test_suggest_gain_rule_against_hand_computed_values():
         rule(m, grid, gain_per_decade=0.0)
 
 
+def test_suggest_cli_writes_the_suggestion_and_a_finetune_command_that_runs(prior, tmp_path,
+                                                                            capsys):
+    """``bayes-transfer suggest`` prints the explanation and a ``finetune`` command with
+    λ and the re-initialisation depth; that command runs as printed."""
+    import json
+    import shlex
+
+    from bayes_transfer import cli
+    from bayes_transfer.artifact import save_prior
+
+    path = tmp_path / "prior"
+    save_prior(prior, path)
+    out = tmp_path / "suggestion.json"
+    assert cli.main(["suggest", "--prior", str(path), "--dataset", "digits", "--shots", "5",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(out.read_text())
+    expected = suggest(prior, data.load("digits", shots_per_class=5, seed=0))
+    assert (got["variance"], got["reinit_top"]) == (expected.variance, expected.reinit_top)
+    assert got["scale"] == pytest.approx(expected.scale(prior, "lowrank"), rel=1e-5)
+    command = shlex.split(printed.strip().splitlines()[-2].strip())
+    assert command == got["command"] and command[:2] == ["bayes-transfer", "finetune"]
+    assert command[command.index("--reinit-top") + 1] == str(got["reinit_top"])
+    result = tmp_path / "finetune.json"
+    assert cli.main([*command[1:], "--epochs", "1", "--out", str(result)]) == 0
+    (row,) = json.loads(result.read_text())["results"]
+    assert row["scale"] == pytest.approx(got["scale"], rel=1e-5)
+
+
 # ---------------------------------------------------------------------------- non-binary transfer
 def _abstract_params(arch):
     """Parameter shapes only (nnx.eval_shape): no initialisation cost."""
