@@ -95,8 +95,9 @@ def main(argv=None) -> int:
     out = Path(args.out or ROOT / "experiments" / "results" / config["name"])
     rows = runner.read_rows(out / "runs.jsonl")
     stored = out / "suggest.json"
-    previous = {} if not stored.exists() else {
-        (e["prior"], e["shots"], e["seed"]): e for e in json.loads(stored.read_text())["entries"]}
+    previous = {} if not stored.exists() else {      # an older file has no "entries"
+        (e["prior"], e["shots"], e["seed"]): e
+        for e in json.loads(stored.read_text()).get("entries", [])}
     shots_list = config["shots"] if args.shots is None else [
         v if v == "all" else int(v) for v in args.shots.split(",")]
     report = []
