@@ -163,8 +163,11 @@ def rule(measures: dict, variances, *, reinit_below: float = 0.5, min_gain: floa
         raise BayesTransferError(
             f"suggest's rule needs positive strongest, full_gain and gain_per_decade; got "
             f"{strongest}, {full_gain}, {gain_per_decade}")
-    q = min(max(measures["knn_normalized"], 0.0), 1.0)
     grid = sorted(float(v) for v in variances)
+    if not grid or not all(0 < v < math.inf for v in grid):
+        raise BayesTransferError(f"suggest's variance grid must be positive and finite "
+                                 f"(no-prior is not a grid value); got {list(variances)}")
+    q = min(max(measures["knn_normalized"], 0.0), 1.0)
     gain = measures.get("gain")
     no_gain = gain is not None and gain <= min_gain
     reasons = []
@@ -178,8 +181,8 @@ def rule(measures: dict, variances, *, reinit_below: float = 0.5, min_gain: floa
         variance = min(reversed(grid), key=lambda v: abs(math.log10(v) - target))
         reasons.append(f"Gain {gain:+.3f} over a random backbone on the same images gives "
                        f"v* = {strongest:g}·10^(({full_gain:g} - gain)/{gain_per_decade:g}) = "
-                       f"{10 ** target:.3g}; nearest on the grid: {variance:g} (small variance "
-                       f"= strong prior).")
+                       f"10^{target:.2f}; nearest on the grid: {variance:g} (small variance = "
+                       f"strong prior).")
     else:
         index = min(max(int(round((1.0 - q) * (len(grid) - 1))) + offset, 0), len(grid) - 1)
         variance = grid[index]

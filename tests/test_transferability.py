@@ -160,6 +160,9 @@ def test_suggest_gain_rule_against_hand_computed_values():
     assert "Gain +0.050" in rule(m, grid)[2][0]
     with pytest.raises(bt.BayesTransferError, match="positive"):
         rule(m, grid, gain_per_decade=0.0)
+    with pytest.raises(bt.BayesTransferError, match="grid"):
+        rule(m, (1.0, float("inf")))
+    assert rule({"knn_normalized": 0.8, "gain": 0.01}, grid, gain_per_decade=1e-6)[0] == 100.0
 
 
 def test_suggest_cli_writes_the_suggestion_and_a_finetune_command_that_runs(prior, tmp_path,
