@@ -221,6 +221,10 @@ def quickstart():
         * Other baselines use the same call: `method=` `"l2"`, `"l2sp"`, `"isotropic"`,
           `"diag"` (`bt.METHODS`); the command line runs them all:
           `bayes-transfer finetune --prior fashion-mnist/small-cnn --method all`.
+        * No budget for a sweep? `print(bt.suggest(prior, splits))` proposes a prior
+          strength before any fine-tuning, from how much better the prior's features
+          separate the target classes than random ones (`bayes-transfer suggest` on the
+          command line; RESULTS.md compares it with the validation sweep).
         * Beyond MAP: `bayes_transfer.inference.sample_posterior` (SGLD or downstream SWAG
           under the prior, then Bayesian model averaging) and
           `bayes_transfer.inference.temperature_scale`.
