@@ -39,8 +39,8 @@ learn fashion04+mnist5k --dataset fashion_mnist:0-4+mnist_5k --epochs 3
 # Self-supervised sources. The published SimCLR prior fashion-mnist/small-cnn-simclr
 # saw all 60k training images (labels unused), so also the target classes 5-9; this
 # one sees classes 0-4 only, like the supervised in-domain source (~40 min on 2 cores:
-# a SimCLR step is about two supervised ones). 95 steps an epoch at batch 256: 5
-# epochs of training and 5 of SWAG (23 snapshots, one every 20 steps).
+# a SimCLR step is about two supervised ones). 105 steps an epoch at batch 256: 5
+# epochs of training and 5 of SWAG (26 snapshots, one every 20 steps).
 if [ -f "$OUT/fashion04-simclr/metadata.json" ]; then echo "have $OUT/fashion04-simclr"; else
   bayes-transfer learn-prior --method simclr --dataset fashion_mnist --classes 0-4 \
     --arch small_cnn --epochs 5 --batch-size 256 --optimizer adam --lr 1e-3 \

@@ -12,9 +12,9 @@ beside it, what the sweep chose on validation for the same method and its test
 metrics. With several priors or shots values it also reports how the measures
 (normalised kNN accuracy, LogME) rank-correlate with the sweep's chosen variance and
 with the prior's NLL gain over standard fine-tuning (Spearman, over every prior ×
-shots × seed). Writes ``suggest.json`` into the runner's result directory; a rerun reuses the
-fine-tuning results stored there for suggestions that did not change (same seed,
-variance and re-initialisation: the run would be identical).
+shots × seed). Writes ``suggest.json`` into the runner's result directory; a rerun
+reuses the fine-tuning results stored there for suggestions that did not change (same
+seed, variance and re-initialisation: the run would be identical).
 ``experiments/suggest_calibrate.py`` reads these files to calibrate the rule.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from bayes_transfer import data as btdata  # noqa: E402
 from bayes_transfer.demo import model_for, resolve_prior  # noqa: E402
 from bayes_transfer.inference.map import finetune  # noqa: E402
 from bayes_transfer.suggest import suggest  # noqa: E402
+
 
 def _check(prior_label, prior, shots, seed, row, config, method, previous):
     target, tuning = config["target"], config["tuning"]
