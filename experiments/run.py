@@ -269,9 +269,10 @@ def report(config: dict, out: Path) -> dict:
     summary = summarize(read_rows(out / "runs.jsonl"), config)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(format_summary(summary, config))
+    text = format_summary(summary, config)
+    (out / "summary.md").write_text(text)
     figures(summary, config, out)
-    print(format_summary(summary, config))
+    print(text)
     return summary
 
 
