@@ -266,10 +266,11 @@ def run(config: dict, out_dir) -> dict:
 
 def report(config: dict, out: Path) -> dict:
     """Summary (JSON and Markdown), figures and the config they cover, from runs.jsonl."""
-    summary = summarize(read_rows(out / "runs.jsonl"), config)
+    rows = read_rows(out / "runs.jsonl")
+    summary = summarize(rows, config)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    text = format_summary(summary, config)
+    text = format_summary(summary, config) + format_compute(compute_time(rows, config))
     (out / "summary.md").write_text(text)
     figures(summary, config, out)
     print(text)
@@ -329,6 +330,54 @@ def format_summary(summary: dict, config: dict) -> str:
                 cells = [_cell(by_shots[str(s)][metric]) if str(s) in by_shots else "–"
                          for s in config["shots"]]
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def compute_time(rows: list[dict], config: dict) -> dict:
+    """Wall seconds per cell by method × shots, and the whole config's estimated total.
+
+    A missing cell is estimated by the mean of its (method, shots) group over the
+    priors and seeds that ran; ``estimate_hours`` is None while a group has no run.
+    """
+    by_key = {r["key"]: r for r in rows}
+    groups: dict = {}
+    done, missing = [], []
+    for p in config["priors"]:
+        for s in config["shots"]:
+            for seed in config["seeds"]:
+                for m in config["methods"]:
+                    row = by_key.get(cell_key(p, s, seed, m))
+                    (done if row else missing).append((m, str(s)))
+                    if row:
+                        groups.setdefault(m, {}).setdefault(str(s), []).append(row["seconds"])
+    means = {m: {s: float(np.mean(v)) for s, v in by.items()} for m, by in groups.items()}
+    done_s = sum(sum(v) for by in groups.values() for v in by.values())
+    known = all(s in means.get(m, {}) for m, s in missing)
+    rest = sum(means[m][s] for m, s in missing) if known else math.nan
+    return {"cells": len(done) + len(missing), "done": len(done),
+            "done_hours": done_s / 3600,
+            "estimate_hours": (done_s + rest) / 3600 if known else None,
+            "seconds_per_cell": means}
+
+
+def format_compute(compute: dict) -> str:
+    est = compute["estimate_hours"]
+    lines = ["## compute", "",
+             f"{compute['done']} of {compute['cells']} cells ran, {compute['done_hours']:.2f} h "
+             f"of wall time (`seconds` in runs.jsonl: one process's time per cell, on the "
+             f"machine and load it ran under); the whole config: "
+             + (f"≈ {est:.2f} h in one process." if est is not None
+                else "not estimable yet (a method × shots group has no run)."), ""]
+    per = compute["seconds_per_cell"]
+    shots = sorted({s for by in per.values() for s in by},
+                   key=lambda s: (s == "all", int(s) if s != "all" else 0))
+    if per:
+        lines += ["mean seconds per cell:", "",
+                  "| method | " + " | ".join(f"{s} shots" for s in shots) + " |",
+                  "|---|" + "---|" * len(shots)]
+        lines += [f"| {m} | " + " | ".join(f"{by[s]:.0f}" if s in by else "–" for s in shots)
+                  + " |" for m, by in per.items()]
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -393,6 +442,9 @@ def main(argv=None) -> None:
         config = load_config(args.config, seeds=args.seeds, shots=shots, methods=methods)
         out = Path(args.out or ROOT / "experiments" / "results" / config["name"])
         if args.report_only:
+            if not (out / "runs.jsonl").exists():
+                raise BayesTransferError(f"no results to report in {out} (no runs.jsonl): "
+                                         f"run without --report-only first, or pass --out")
             report(config, out)
             return
         t0 = time.perf_counter()

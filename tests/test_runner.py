@@ -59,6 +59,7 @@ def test_runner_end_to_end_and_resume_reproduces_a_cut_cell(prior_dir, tmp_path)
     assert (tmp_path / "fewshot.png").stat().st_size > 1000
     assert (tmp_path / "reliability.png").stat().st_size > 1000
     assert "| sgld:lowrank |" in (tmp_path / "summary.md").read_text()
+    assert "12 of 12 cells ran" in (tmp_path / "summary.md").read_text()
 
     # A kill mid-write leaves a cut last line: the rerun redoes exactly that cell, alike.
     lines = (tmp_path / "runs.jsonl").read_text().splitlines()
@@ -99,3 +100,32 @@ def test_committed_configs_are_valid():
         config = runner.load_config(path)
         assert config["seeds"], path
         json.dumps(config)
+
+
+def test_compute_time_estimates_missing_cells_from_their_group():
+    config = {"priors": {"a": "x", "b": "y"}, "shots": [1, "all"], "seeds": [0, 1],
+              "methods": ["standard", "lowrank"]}
+    secs = {("a", 1, 0, "standard"): 10, ("a", 1, 1, "standard"): 20,
+            ("a", "all", 0, "standard"): 100, ("a", 1, 0, "lowrank"): 40,
+            ("b", "all", 0, "lowrank"): 300, ("b", "all", 1, "lowrank"): 500}
+    rows = [{"key": runner.cell_key(*k), "seconds": v} for k, v in secs.items()]
+    rows.append({"key": runner.cell_key("c", 1, 0, "standard"), "seconds": 1e6})  # not in config
+    c = runner.compute_time(rows, config)
+    assert (c["cells"], c["done"]) == (16, 6)
+    assert c["done_hours"] == pytest.approx(970 / 3600)
+    assert c["seconds_per_cell"]["standard"] == {"1": 15.0, "all": 100.0}
+    # missing: standard 1 x2 (15 each), standard all x3 (100), lowrank 1 x3 (40), all x2 (400)
+    assert c["estimate_hours"] == pytest.approx((970 + 30 + 300 + 120 + 800) / 3600)
+    assert "6 of 16 cells ran" in runner.format_compute(c)
+    no_group = runner.compute_time(rows[:3], config)   # no lowrank run yet
+    assert no_group["estimate_hours"] is None
+    assert "not estimable yet" in runner.format_compute(no_group)
+
+
+def test_report_only_without_results_says_what_to_do(prior_dir, tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"name": "x", "priors": {"p": prior_dir},
+                               "target": {"dataset": "digits"}, "shots": [2], "seeds": 1,
+                               "methods": ["lowrank"]}))
+    with pytest.raises(SystemExit, match="no results to report .*run without --report-only"):
+        runner.main([str(cfg), "--out", str(tmp_path / "none"), "--report-only"])
