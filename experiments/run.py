@@ -2,6 +2,7 @@
 
     python experiments/run.py experiments/configs/bayes_mnist5k_10shot.json
     python experiments/run.py CONFIG.json --seeds 2 --shots 10 --out /tmp/try   # overrides
+    python experiments/run.py CONFIG.json --seeds 3 --estimate   # how long, from past runs
 
 A config is a JSON file (see ``experiments/configs/``)::
 
@@ -33,7 +34,8 @@ the config (the same for every prior).
 Every finished cell (prior, shots, seed, method) is appended to ``runs.jsonl`` in the
 output directory and flushed, so a rerun skips what is done. At the end the runner writes
 ``summary.md`` (mean and 95% t-interval over seeds), ``summary.json``, the few-shot curve
-``fewshot.png`` (when there is more than one shots value) and ``reliability.png``.
+``fewshot.png`` (when there is more than one shots value) and ``reliability.png``;
+``summary.md`` ends with the wall time per cell and an estimate for the whole config.
 """
 from __future__ import annotations
 
@@ -434,6 +436,9 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default=None, help="override: comma-separated methods")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild summary and figures from runs.jsonl, run nothing")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print how long the (overridden) config takes, from the wall "
+                             "times in runs.jsonl; write and run nothing")
     args = parser.parse_args(argv)
     try:
         shots = None if args.shots is None else [
@@ -441,11 +446,14 @@ def main(argv=None) -> None:
         methods = None if args.methods is None else args.methods.split(",")
         config = load_config(args.config, seeds=args.seeds, shots=shots, methods=methods)
         out = Path(args.out or ROOT / "experiments" / "results" / config["name"])
-        if args.report_only:
+        if args.report_only or args.estimate:
             if not (out / "runs.jsonl").exists():
-                raise BayesTransferError(f"no results to report in {out} (no runs.jsonl): "
-                                         f"run without --report-only first, or pass --out")
-            report(config, out)
+                raise BayesTransferError(f"no results in {out} (no runs.jsonl): run without "
+                                         f"--report-only / --estimate first, or pass --out")
+            if args.estimate:
+                print(format_compute(compute_time(read_rows(out / "runs.jsonl"), config)))
+            else:
+                report(config, out)
             return
         t0 = time.perf_counter()
         run(config, out)

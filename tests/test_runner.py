@@ -127,5 +127,7 @@ def test_report_only_without_results_says_what_to_do(prior_dir, tmp_path):
     cfg.write_text(json.dumps({"name": "x", "priors": {"p": prior_dir},
                                "target": {"dataset": "digits"}, "shots": [2], "seeds": 1,
                                "methods": ["lowrank"]}))
-    with pytest.raises(SystemExit, match="no results to report .*run without --report-only"):
+    with pytest.raises(SystemExit, match="no results in .*run without --report-only"):
         runner.main([str(cfg), "--out", str(tmp_path / "none"), "--report-only"])
+    with pytest.raises(SystemExit, match="no results in"):
+        runner.main([str(cfg), "--out", str(tmp_path / "none"), "--estimate"])
