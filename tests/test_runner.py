@@ -15,6 +15,7 @@ from bayes_transfer.prior import Prior
 from bayes_transfer.train import split_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import paired  # noqa: E402
 import run as runner  # noqa: E402
 
 
@@ -131,3 +132,20 @@ def test_report_only_without_results_says_what_to_do(prior_dir, tmp_path):
         runner.main([str(cfg), "--out", str(tmp_path / "none"), "--report-only"])
     with pytest.raises(SystemExit, match="no results in"):
         runner.main([str(cfg), "--out", str(tmp_path / "none"), "--estimate"])
+
+
+def test_paired_differences_use_only_seeds_where_both_methods_ran():
+    config = {"priors": {"p": "x"}, "shots": [10], "seeds": [0, 1, 2, 3],
+              "methods": ["a", "b"]}
+    test = lambda e: {"error": e, "nll": 2 * e, "ece": 0.5}            # noqa: E731
+    rows = [{"key": runner.cell_key("p", 10, s, "a"), "test": test(v)}
+            for s, v in enumerate([0.3, 0.5, 0.4, 0.9])]
+    rows += [{"key": runner.cell_key("p", 10, s, "b"), "test": test(v)}
+             for s, v in enumerate([0.1, 0.2, 0.4])]                # seed 3: no b
+    (e,) = paired.paired(rows, config, "a", "b")
+    assert e["n"] == 3
+    assert e["error"] == pytest.approx(runner.interval([0.2, 0.3, 0.0]))
+    assert e["nll"][0] == pytest.approx(2 * np.mean([0.2, 0.3, 0.0]))
+    assert e["ece"][:2] == (0.0, 0.0)
+    text = paired.format_paired([e], "a", "b")
+    assert "| p | 10 | 3 | +0.1667" in text and "*" not in text.split("\n", 2)[2]
