@@ -356,10 +356,10 @@ def compute_time(rows: list[dict], config: dict) -> dict:
     means = {m: {s: float(np.mean(v)) for s, v in by.items()} for m, by in groups.items()}
     done_s = sum(sum(v) for by in groups.values() for v in by.values())
     known = all(s in means.get(m, {}) for m, s in missing)
-    rest = sum(means[m][s] for m, s in missing) if known else math.nan
     return {"cells": len(done) + len(missing), "done": len(done),
             "done_hours": done_s / 3600,
-            "estimate_hours": (done_s + rest) / 3600 if known else None,
+            "estimate_hours": ((done_s + sum(means[m][s] for m, s in missing)) / 3600
+                               if known else None),
             "seconds_per_cell": means}
 
 
