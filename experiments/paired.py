@@ -66,15 +66,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="runner output directory")
     args = parser.parse_args(argv)
     try:
-        shots = None if args.shots is None else [
-            s if s == "all" else int(s) for s in args.shots.split(",")]
-        config = runner.load_config(args.config, seeds=args.seeds, shots=shots,
+        config = runner.load_config(args.config, seeds=args.seeds,
+                                    shots=runner.parse_shots(args.shots),
                                     methods=[args.a, args.b])
         out = Path(args.out or ROOT / "experiments" / "results" / config["name"])
-        if not (out / "runs.jsonl").exists():
-            raise BayesTransferError(f"no results in {out} (no runs.jsonl): run "
-                                     f"experiments/run.py first, or pass --out")
-        entries = paired(runner.read_rows(out / "runs.jsonl"), config, args.a, args.b)
+        rows = runner.stored_rows(out, "run experiments/run.py first, or pass --out")
+        entries = paired(rows, config, args.a, args.b)
         if not entries:
             raise BayesTransferError(f"no seed has both {args.a!r} and {args.b!r} in {out}")
         print(format_paired(entries, args.a, args.b))

@@ -215,6 +215,19 @@ def repair_rows(path: Path) -> list[dict]:
     return rows
 
 
+def stored_rows(out: Path, what_to_do: str) -> list[dict]:
+    """The rows of ``out/runs.jsonl``; a clear error (ending in ``what_to_do``) if none."""
+    path = Path(out) / "runs.jsonl"
+    if not path.exists():
+        raise BayesTransferError(f"no results in {out} (no runs.jsonl): {what_to_do}")
+    return read_rows(path)
+
+
+def parse_shots(text: str | None):
+    """'1,5,all' -> [1, 5, 'all'] (None stays None: the config's own)."""
+    return None if text is None else [s if s == "all" else int(s) for s in text.split(",")]
+
+
 def append_row(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -441,17 +454,15 @@ def main(argv=None) -> None:
                              "times in runs.jsonl; write and run nothing")
     args = parser.parse_args(argv)
     try:
-        shots = None if args.shots is None else [
-            s if s == "all" else int(s) for s in args.shots.split(",")]
         methods = None if args.methods is None else args.methods.split(",")
-        config = load_config(args.config, seeds=args.seeds, shots=shots, methods=methods)
+        config = load_config(args.config, seeds=args.seeds, shots=parse_shots(args.shots),
+                             methods=methods)
         out = Path(args.out or ROOT / "experiments" / "results" / config["name"])
         if args.report_only or args.estimate:
-            if not (out / "runs.jsonl").exists():
-                raise BayesTransferError(f"no results in {out} (no runs.jsonl): run without "
-                                         f"--report-only / --estimate first, or pass --out")
+            rows = stored_rows(out, "run without --report-only / --estimate first, or "
+                                    "pass --out")
             if args.estimate:
-                print(format_compute(compute_time(read_rows(out / "runs.jsonl"), config)))
+                print(format_compute(compute_time(rows, config)))
             else:
                 report(config, out)
             return

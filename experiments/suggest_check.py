@@ -99,8 +99,7 @@ def main(argv=None) -> int:
     previous = {} if not stored.exists() else {      # an older file has no "entries"
         (e["prior"], e["shots"], e["seed"]): e
         for e in json.loads(stored.read_text()).get("entries", [])}
-    shots_list = config["shots"] if args.shots is None else [
-        v if v == "all" else int(v) for v in args.shots.split(",")]
+    shots_list = runner.parse_shots(args.shots) or config["shots"]
     report = []
     for label in args.prior or list(config["priors"]):
         prior = resolve_prior(config["priors"][label])
