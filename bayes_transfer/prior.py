@@ -63,29 +63,31 @@ _GRAM_BLOCK = 1 << 15   # columns of D̂ per step of the capacitance's one pass
 
 
 @jax.jit
-def _capacitance_cholesky(dev, inv_diag, coef):
-    """Cholesky factor of I + coef·D̂ δ⁻¹ D̂ᵀ.
+def _capacitance_cholesky(dev, var, scale, floor, coef):
+    """Cholesky factor of I + coef·D̂ δ⁻¹ D̂ᵀ, δ = λ·var/2 + ε (var of shape (d,) or ()).
 
     One pass over D̂ in blocks of columns, so the temporaries are (K, block), not (K, d),
-    and D̂ is read once rather than K times. Jitted: eager rescales compile once per shape.
+    and D̂ is read once rather than K times; δ⁻¹ is formed block by block too (eagerly it
+    was two d-vectors at load time). Jitted: eager rescales compile once per shape.
     """
-    dtype = inv_diag.dtype
+    dtype = scale.dtype
     rank, d = dev.shape
     block = min(d, _GRAM_BLOCK)
     n_full = d // block
+    var = jnp.broadcast_to(var, (d,))
 
-    def gram(cols, inv):
+    def gram(cols, v):
         cols = cols.astype(dtype)
-        return (cols * inv) @ cols.T
+        return (cols / (0.5 * scale * v.astype(dtype) + floor)) @ cols.T
 
     def body(i, acc):
         start = i * block
         return acc + gram(jax.lax.dynamic_slice_in_dim(dev, start, block, axis=1),
-                          jax.lax.dynamic_slice_in_dim(inv_diag, start, block))
+                          jax.lax.dynamic_slice_in_dim(var, start, block))
 
     total = jax.lax.fori_loop(0, n_full, body, jnp.zeros((rank, rank), dtype))
     if n_full * block < d:
-        total = total + gram(dev[:, n_full * block:], inv_diag[n_full * block:])
+        total = total + gram(dev[:, n_full * block:], var[n_full * block:])
     return jnp.linalg.cholesky(jnp.eye(rank, dtype=dtype) + coef * total)
 
 
@@ -99,6 +101,12 @@ def _all_finite(x):
     # max|x| is NaN or Inf iff some entry is: one fused reduction, where
     # jnp.all(jnp.isfinite(x)) materialises a (K, d) boolean temporary on CPU.
     return jnp.isfinite(jnp.max(jnp.abs(x)))
+
+
+@jax.jit
+def _all_positive(x):
+    # one fused reduction, where jnp.all(x > 0) materialises a (d,) boolean temporary
+    return jnp.min(x) > 0
 
 
 # ---------------------------------------------------------------------- Woodbury term
@@ -342,7 +350,7 @@ class Prior:
             if not bool(_all_finite(x)):
                 raise PriorError(f"prior {name} contains NaN or Inf; the artifact is corrupt "
                                  f"or the SWAG run diverged")
-        if self.kind != "flat" and not bool(jnp.all(self.var > 0)):
+        if self.kind != "flat" and not bool(_all_positive(self.var)):
             raise PriorError("prior variances must be positive; refit SWAG with a var_floor > 0")
         self._check_scale_floor()
         return self
@@ -408,8 +416,8 @@ class Prior:
                 chol = jnp.asarray(_capacitance_cholesky_host(
                     dev, var, float(scale), float(floor), float(new._factor_coef(dtype)), dtype))
             else:
-                inv_diag = 1.0 / jnp.broadcast_to(new._diag(dtype), (self.dim,))
-                chol = _capacitance_cholesky(new.deviations, inv_diag, new._factor_coef(dtype))
+                chol = _capacitance_cholesky(new.deviations, new.var, new.scale.astype(dtype),
+                                             new.floor.astype(dtype), new._factor_coef(dtype))
             new = dataclasses.replace(new, chol=chol)
         # log|Σ| does not depend on θ: computing it here saves a pass of d logarithms
         # (the costliest elementwise term on CPU) in every log_prob call.

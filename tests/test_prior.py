@@ -502,8 +502,14 @@ def test_capacitance_in_blocks_of_columns(spec, monkeypatch):
     for block in (4, 13, 64):      # 3 full blocks + a tail; exactly one block; d < block
         monkeypatch.setattr(prior_module, "_GRAM_BLOCK", block)
         fn = jax.jit(prior_module._capacitance_cholesky.__wrapped__)
-        got = fn(jnp.asarray(dev), jnp.asarray(inv), jnp.float64(0.25))
+        got = fn(jnp.asarray(dev), jnp.asarray(var), jnp.float64(1.0), jnp.float64(0.1),
+                 jnp.float64(0.25))
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-12)
+    # a scalar variance is broadcast along d
+    ref = np.linalg.cholesky(np.eye(5) + 0.25 * dev @ dev.T / (0.5 * 0.3 + 0.1))
+    got = fn(jnp.asarray(dev), jnp.float64(0.3), jnp.float64(1.0), jnp.float64(0.1),
+             jnp.float64(0.25))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-12)
 
 
 # ---------------------------------------------------------------------- hand-written JVP
@@ -634,8 +640,8 @@ def test_capacitance_of_a_bfloat16_factor_on_the_host(monkeypatch):
         n = len(calls)
         Prior.lowrank(spec32, mean, var, dev, scale=2.0, floor=0.01)
         assert len(calls) == n
-        inv = 1.0 / (0.5 * 2.0 * p16.var.astype(jnp.float32) + 0.01)
-        xla = prior_module._capacitance_cholesky(p16.deviations, inv, jnp.float32(2.0 / 10))
+        xla = prior_module._capacitance_cholesky(p16.deviations, p16.var, jnp.float32(2.0),
+                                                 jnp.float32(0.01), jnp.float32(2.0 / 10))
         np.testing.assert_allclose(np.asarray(p16.chol), np.asarray(xla), rtol=1e-5, atol=1e-6)
         # under jit (λ traced) the XLA path is used: same log p
         x = jnp.asarray(mean)
