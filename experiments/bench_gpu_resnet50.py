@@ -3,6 +3,8 @@
     python experiments/bench_gpu_resnet50.py                        # batch 128, 224×224, fp32
     python experiments/bench_gpu_resnet50.py --dtype bfloat16 --batch-size 256
     python experiments/bench_gpu_resnet50.py --batch-size 2 --image-size 64 --steps 2  # CPU smoke
+    python experiments/bench_gpu_resnet50.py --arch small_cnn --batch-size 8 --image-size 28 \
+        --steps 1 --reps 1                          # the same code in seconds (tests run it)
 
 Made for a GPU (or TPU) host, it runs on whatever devices JAX sees: with several, the
 batch is sharded over a ``data`` mesh axis (``bayes_transfer.train.data_mesh``), the
@@ -99,6 +101,9 @@ def main(argv=None):
     p.add_argument("--prior-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--rank", type=int, default=20, help="K, rows of the prior's deviations")
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--arch", default="resnet50", choices=models.ARCHITECTURES,
+                   help="the network (resnet50 is the benchmark; smaller ones run the same "
+                        "code quickly, e.g. as a smoke test on a CPU)")
     p.add_argument("--num-train", type=int, default=50_000,
                    help="N in the prior term −log p(θ)/N (scales it, costs nothing)")
     p.add_argument("--json", default=None, help="also write the results to this file")
@@ -112,7 +117,7 @@ def main(argv=None):
     replicated = NamedSharding(mesh, P())
     compute_dtype = jnp.dtype(args.dtype)
 
-    model = models.create("resnet50", args.num_classes, in_channels=3, seed=0)
+    model = models.create(args.arch, args.num_classes, in_channels=3, seed=0)
     graphdef, params, rest = split_model(model)
     spec = ParamSpec.from_params(params)           # the backbone, as learn_prior covers it
     prior = synthetic_prior(spec, params, args.rank)
@@ -173,6 +178,7 @@ def main(argv=None):
     t_alone = statistics.median(alone)
 
     result = {
+        "arch": args.arch,
         "device": f"{devices[0].platform}:{devices[0].device_kind}",
         "devices": n_dev,
         "batch_size": args.batch_size, "image_size": args.image_size, "dtype": args.dtype,
@@ -194,7 +200,8 @@ def main(argv=None):
     except Exception:   # not every backend reports memory
         pass
 
-    print(f"ResNet-50 (torchvision layout), {args.num_classes} classes, batch {args.batch_size} "
+    name = "ResNet-50 (torchvision layout)" if args.arch == "resnet50" else args.arch
+    print(f"{name}, {args.num_classes} classes, batch {args.batch_size} "
           f"of {args.image_size}×{args.image_size}×3 (random), {args.dtype}, on {n_dev}× "
           f"{result['device']}")
     print(f"prior: low-rank, d = {prior.dim:,} (backbone), K = {prior.rank}, "
