@@ -111,13 +111,16 @@ def _all_positive(x):
 
 # ---------------------------------------------------------------------- Woodbury term
 #: Below this d, D̂·a is a BLAS matrix-vector product (the fastest on CPU; its operand is
-#: one more d-vector). From it on, a fused multiply-reduce over D̂'s rows, after which the
-#: gradient can take over a's memory: the value and gradient then need no d-vector besides
-#: θ and the gradient.
+#: one more d-vector). From it on, reductions over d (_rows_dot), after which the gradient
+#: can take over a's memory: the value and gradient then need no d-vector besides θ and
+#: the gradient.
 _MATVEC_MAX_DIM = 1 << 22
 #: Rows of a bfloat16 factor read through one widened view of it in a single elementwise
 #: pass: XLA:CPU emits a fused producer at most ~15 times per fusion, else materialises it.
 _ROWS_PER_VIEW = 12
+#: Rows of a float32 D̂ per variadic reduction in the forward product from _MATVEC_MAX_DIM
+#: on (measured fastest on CPU among 1, 5, 10 and 20 rows at d = 23.5M; see _rows_dot).
+_ROWS_PER_REDUCE = 10
 
 
 def _widen(x, dtype, signed=False):
@@ -147,16 +150,33 @@ def _factor_rows(dev, dtype):
             else dev[k].astype(dtype) for k in range(dev.shape[0])]
 
 
+def _rows_dot(dev, a):
+    """D̂·a as variadic reductions over d, _ROWS_PER_REDUCE rows at a time.
+
+    Each is one loop over d that reads a once for all its rows; ``jnp.sum(D̂ * a, 1)``
+    reads a once per row (K times), and a BLAS product keeps a from being overwritten by
+    the gradient (one more d-vector).
+    """
+    out = []
+    for lo in range(0, dev.shape[0], _ROWS_PER_REDUCE):
+        rows = tuple(dev[k] * a for k in range(lo, min(lo + _ROWS_PER_REDUCE, dev.shape[0])))
+        out += jax.lax.reduce(rows, (jnp.zeros((), a.dtype),) * len(rows),
+                              lambda xs, ys: tuple(x + y for x, y in zip(xs, ys)), (0,))
+    return jnp.stack(out)
+
+
 def _woodbury_forward(theta, mean, var, dev, scale, floor, chol):
     """quad = rᵀΣ⁻¹r and what its derivative reuses: a = δ⁻¹r, y = L⁻¹·√c·D̂a and √c."""
     dtype = theta.dtype
     delta = 0.5 * scale * _widen(var, dtype) + floor
     a = (theta - _widen(mean, dtype)) / delta
     sqrt_c = jnp.sqrt(scale / (2.0 * max(dev.shape[0] - 1, 1)))
-    if dev.dtype == dtype and theta.shape[0] < _MATVEC_MAX_DIM:
-        b = dev @ a
-    else:   # the convert of a low-precision D̂ fuses into the reduction: no upcast copy
+    if dev.dtype != dtype:   # the convert of a low-precision D̂ fuses into the reduction
         b = jnp.sum(dev.astype(dtype) * a, axis=1)
+    elif theta.shape[0] < _MATVEC_MAX_DIM:
+        b = dev @ a
+    else:
+        b = _rows_dot(dev, a)
     y = jax.scipy.linalg.solve_triangular(chol, sqrt_c * b, lower=True)
     # rᵀδ⁻¹r = Σ a²δ, from a and var only: a reduction that shared the subexpressions of a
     # (r, δ) with it would make XLA materialise them.
