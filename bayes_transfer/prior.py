@@ -78,7 +78,8 @@ def _capacitance_cholesky(dev, var, scale, floor, coef):
 
     def gram(cols, v):
         cols = cols.astype(dtype)
-        return (cols / (0.5 * scale * v.astype(dtype) + floor)) @ cols.T
+        inv = 1.0 / (scale * (0.5 * v.astype(dtype)) + floor)    # 1/δ, as Prior._diag rounds it
+        return (cols * inv) @ cols.T
 
     def body(i, acc):
         start = i * block
