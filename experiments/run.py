@@ -357,19 +357,21 @@ def compute_time(rows: list[dict], config: dict) -> dict:
     """
     by_key = {r["key"]: r for r in rows}
     groups: dict = {}
-    done, missing = [], []
+    missing = []
     for p in config["priors"]:
         for s in config["shots"]:
             for seed in config["seeds"]:
                 for m in config["methods"]:
                     row = by_key.get(cell_key(p, s, seed, m))
-                    (done if row else missing).append((m, str(s)))
                     if row:
                         groups.setdefault(m, {}).setdefault(str(s), []).append(row["seconds"])
+                    else:
+                        missing.append((m, str(s)))
     means = {m: {s: float(np.mean(v)) for s, v in by.items()} for m, by in groups.items()}
     done_s = sum(sum(v) for by in groups.values() for v in by.values())
     known = all(s in means.get(m, {}) for m, s in missing)
-    return {"cells": len(done) + len(missing), "done": len(done),
+    done = sum(len(v) for by in groups.values() for v in by.values())
+    return {"cells": done + len(missing), "done": done,
             "done_hours": done_s / 3600,
             "estimate_hours": ((done_s + sum(means[m][s] for m, s in missing)) / 3600
                                if known else None),
