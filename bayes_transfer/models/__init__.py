@@ -39,13 +39,14 @@ from bayes_transfer.models.resnet_torchvision import (IGNORED_TORCH_SUFFIXES, TR
                                                      to_torchvision_state_dict, torch_to_flax,
                                                      torchvision_names)
 from bayes_transfer.models.small_cnn import SmallCNN, SmallCNNBackbone
-from bayes_transfer.models.segmentation import (SegmentationModel, create_segmentation,
-                                               segmentation_model_from_prior)
+from bayes_transfer.models.segmentation import SegmentationModel, create_segmentation
+from bayes_transfer.models.from_prior import (from_prior, prior_architecture,
+                                             segmentation_model_from_prior)
 
 BACKBONE_RULE = r"^backbone/"
 
 __all__ = [
-    "ARCHITECTURES", "BACKBONE_RULE", "SegmentationModel", "create_segmentation",
+    "ARCHITECTURES", "BACKBONE_RULE", "from_prior", "prior_architecture", "SegmentationModel", "create_segmentation",
     "segmentation_model_from_prior", "BN_EPSILON", "BN_MOMENTUM", "BasicBlock", "Bottleneck",
     "CifarResNetBackbone", "Classifier", "IGNORED_TORCH_SUFFIXES", "ModelConfigError",
     "ResNet", "ResNet18", "ResNet20", "ResNet32", "ResNet50", "ResNet56", "SmallCNN",

@@ -9,7 +9,7 @@ conv-BN-ReLU per level, a 1x1 conv to per-pixel logits at input resolution).
 A prior learned on a classification task therefore applies to the encoder unchanged::
 
     prior = bt.load_prior("fashion-mnist/small-cnn")
-    model = segmentation_model_from_prior(prior, num_classes=2)     # fresh decoder
+    model = bt.models.from_prior(prior, 2, segmentation=True)     # fresh decoder
     params = prior.init_params(nnx.state(model, nnx.Param))         # encoder = θ̄
 
 Inputs of any size work: they are reflect-padded to a multiple of the encoder's
@@ -161,29 +161,3 @@ def segmentation_config(model: SegmentationModel) -> dict[str, Any]:
     return {"arch": model.arch, "num_classes": model.num_classes,
             "in_channels": model.in_channels, "decoder_channels": model.decoder_channels,
             **model.config}
-
-
-def segmentation_model_from_prior(prior, num_classes: int, *, seed: int = 0,
-                                  decoder_channels: int = DEFAULT_DECODER_CHANNELS,
-                                  in_channels: int | None = None) -> SegmentationModel:
-    """A segmentation model whose encoder is the architecture ``prior`` was learned for.
-
-    The architecture comes from ``prior.metadata["architecture"]`` (as written by
-    ``learn-prior``); the source task's ``num_classes`` is dropped (there is no head).
-    The model is freshly initialised: ``prior.init_params`` (or ``finetune``) puts the
-    prior mean into the encoder.
-    """
-    try:
-        arch = dict(prior.metadata["architecture"])
-    except (KeyError, TypeError):
-        raise ModelConfigError(
-            "the prior's metadata has no 'architecture' entry, so the encoder cannot be "
-            "built from it; build SegmentationModel(arch, num_classes, ...) yourself") from None
-    arch.pop("num_classes", None)
-    name = arch.pop("arch")
-    channels = arch.pop("in_channels", 1)
-    if in_channels is not None and in_channels != channels:
-        raise ModelConfigError(f"the prior was learned on {channels}-channel images; "
-                               f"in_channels={in_channels} would change the first conv")
-    return create_segmentation(name, num_classes, in_channels=channels, seed=seed,
-                               decoder_channels=decoder_channels, **arch)
