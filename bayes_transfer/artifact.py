@@ -824,8 +824,8 @@ def _prior_from_arrays(meta: dict, arrays: dict) -> Prior:
     for name in sorted(arrays, key=lambda k: -arrays[k].nbytes):
         arrays[name] = jax.device_put(arrays[name])
     scale = math.inf if meta["kind"] == "flat" else meta["scale"]
-    # Prior._build validates (NaN/Inf, variance > 0, shapes) and caches the Cholesky factor.
-    prior = Prior._build(spec, arrays["mean"], arrays["var"], arrays.get("deviations"),
+    # Prior.from_arrays validates (NaN/Inf, variance > 0, shapes) and caches the Cholesky factor.
+    prior = Prior.from_arrays(spec, arrays["mean"], arrays["var"], arrays.get("deviations"),
                          scale, meta["floor"], meta["kind"])
     return prior.with_metadata(meta)
 

@@ -314,12 +314,12 @@ class Prior:
         if deviations.ndim != 2 or deviations.shape[0] < 1:
             raise PriorError(f"deviations must be a (K, d) matrix with K >= 1, got shape "
                              f"{deviations.shape}")
-        return cls._build(spec, mean, var, deviations, scale, floor, "lowrank")
+        return cls.from_arrays(spec, mean, var, deviations, scale, floor, "lowrank")
 
     @classmethod
     def diagonal(cls, spec: ParamSpec, mean, var, *, scale=1.0, floor=0.0) -> "Prior":
         """N(mean, λ·diag(var) + εI): the SWAG-diagonal prior."""
-        return cls._build(spec, mean, var, None, scale, floor, "diag")
+        return cls.from_arrays(spec, mean, var, None, scale, floor, "diag")
 
     @classmethod
     def isotropic(cls, spec: ParamSpec, mean=None, var=1.0, *, scale=1.0, floor=0.0) -> "Prior":
@@ -332,16 +332,17 @@ class Prior:
         var = jnp.asarray(var)
         if not jnp.issubdtype(var.dtype, jnp.floating):   # keeps float64 under x64
             var = var.astype(jnp.float32)
-        return cls._build(spec, mean, var.reshape(()), None, scale, floor, "isotropic")
+        return cls.from_arrays(spec, mean, var.reshape(()), None, scale, floor, "isotropic")
 
     @classmethod
     def flat(cls, spec: ParamSpec, mean=None) -> "Prior":
         """The improper flat prior (log p = 0): standard fine-tuning, started at ``mean``."""
         mean = jnp.zeros((), jnp.float32) if mean is None else mean
-        return cls._build(spec, mean, jnp.ones((), jnp.float32), None, math.inf, 0.0, "flat")
+        return cls.from_arrays(spec, mean, jnp.ones((), jnp.float32), None, math.inf, 0.0, "flat")
 
     @classmethod
-    def _build(cls, spec, mean, var, deviations, scale, floor, kind) -> "Prior":
+    def from_arrays(cls, spec, mean, var, deviations, scale, floor, kind) -> "Prior":
+        """A validated prior of any ``kind`` from its stored arrays (what an artifact holds)."""
         prior = cls(mean=jnp.asarray(mean), var=jnp.asarray(var), deviations=deviations,
                     scale=_as_scalar(scale), floor=_as_scalar(floor), chol=None,
                     spec=spec, kind=kind)
@@ -400,8 +401,8 @@ class Prior:
     def _compute_dtype(self):
         return jnp.promote_types(self.var.dtype, jnp.float32)
 
-    def _diag(self, dtype=None):
-        """δ = λ·diag(Σ₀) + ε, shape (d,) or ()."""
+    def diag_part(self, dtype=None):
+        """δ = λ·diag(Σ₀) + ε, the diagonal of the covariance without the low-rank part."""
         dtype = dtype or self._compute_dtype()
         base = self.var.astype(dtype)
         if self.kind == "lowrank":
@@ -508,14 +509,14 @@ class Prior:
                                   self.chol.astype(dtype))
         else:
             r = theta - self.mean.astype(dtype)
-            quad = jnp.vdot(r, r / self._diag(dtype))
+            quad = jnp.vdot(r, r / self.diag_part(dtype))
         logdet = (self._log_det(dtype) if self.logdet is None else self.logdet.astype(dtype))
         return -0.5 * (self.dim * math.log(2 * math.pi) + logdet + quad)
 
     def _log_det(self, dtype=None) -> jax.Array:
         """log|Σ| = Σᵢ log δᵢ + 2·Σₖ log Lₖₖ (determinant lemma); cached by rescale."""
         dtype = dtype or self._compute_dtype()
-        diag = self._diag(dtype)
+        diag = self.diag_part(dtype)
         logdet = jnp.sum(jnp.log(diag)) if diag.ndim else self.dim * jnp.log(diag)
         if self.chol is not None:
             logdet = logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(self.chol).astype(dtype)))
@@ -549,7 +550,7 @@ class Prior:
             raise PriorError(f"refusing to form a {self.dim}×{self.dim} covariance; use "
                              f"log_prob/sample, which never do")
         dtype = self._compute_dtype()
-        cov = jnp.diag(jnp.broadcast_to(self._diag(dtype), (self.dim,)))
+        cov = jnp.diag(jnp.broadcast_to(self.diag_part(dtype), (self.dim,)))
         if self.deviations is not None:
             dev = self.deviations.astype(dtype)
             cov = cov + self._factor_coef(dtype) * dev.T @ dev
@@ -563,7 +564,7 @@ class Prior:
         dtype = self._compute_dtype()
         k1, k2 = jax.random.split(key)
         z = jax.random.normal(k1, shape + (self.dim,), dtype)
-        theta = self.mean.astype(dtype) + jnp.sqrt(self._diag(dtype)) * z
+        theta = self.mean.astype(dtype) + jnp.sqrt(self.diag_part(dtype)) * z
         if self.deviations is not None:
             u = jax.random.normal(k2, shape + (self.rank,), dtype)
             theta = theta + jnp.sqrt(self._factor_coef(dtype)) * (u @ self.deviations.astype(dtype))
@@ -584,7 +585,7 @@ class Prior:
             return dist.ImproperUniform(dist.constraints.real_vector, (), (self.dim,))
         dtype = self._compute_dtype()
         loc = jnp.broadcast_to(self.mean.astype(dtype), (self.dim,))
-        diag = jnp.broadcast_to(self._diag(dtype), (self.dim,))
+        diag = jnp.broadcast_to(self.diag_part(dtype), (self.dim,))
         if self.deviations is None:
             return dist.Normal(loc, jnp.sqrt(diag)).to_event(1)
         factor = jnp.sqrt(self._factor_coef(dtype)) * self.deviations.astype(dtype).T

@@ -290,7 +290,7 @@ def prior_preconditioner(prior, params, *, min_ratio: float = 0.0):
 
 @functools.partial(jax.jit, static_argnums=2)
 def _preconditioner(prior, params, min_ratio):
-    delta = jnp.broadcast_to(prior._diag(jnp.float32), (prior.dim,))
+    delta = jnp.broadcast_to(prior.diag_part(jnp.float32), (prior.dim,))
     m = jnp.maximum(delta / jnp.max(delta), min_ratio)
     covered = prior.spec.unravel(m)
     return map_with_paths(
@@ -300,7 +300,7 @@ def _preconditioner(prior, params, min_ratio):
 
 @jax.jit
 def _diag_range(prior):
-    delta = prior._diag(jnp.float32)
+    delta = prior.diag_part(jnp.float32)
     return jnp.min(delta), jnp.max(delta)
 
 
