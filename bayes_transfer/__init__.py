@@ -10,7 +10,11 @@ under it (MAP) or sample under it downstream.
     result = bt.finetune(model, splits, prior, method="lowrank")   # λ chosen on val
     print(result.scale, result.metrics)
 """
-from bayes_transfer import data, metrics, models
+from bayes_transfer import compat
+
+compat.install()   # old module paths (bayes_transfer.train, .artifact, ...) still import
+
+from bayes_transfer import data, metrics, models  # noqa: E402
 from bayes_transfer.artifact import save_prior, verify_artifact
 from bayes_transfer.hub import load_prior
 from bayes_transfer.errors import BayesTransferError, PriorError, SpecMismatchError
