@@ -1,4 +1,4 @@
-"""The tutorial notebooks run top to bottom (FAST mode) and match their generator.
+"""The tutorial notebooks run top to bottom (FAST mode) and match their sources.
 
 Each notebook in ``notebooks/`` is executed in a fresh ``python3`` Jupyter kernel with
 ``BAYES_TRANSFER_FAST=1``; a cell that raises fails the test. The kernel's working
@@ -6,8 +6,8 @@ directory is a temporary folder, so what the notebooks write (``outputs/notebook
 stays out of the repository. Deselect with ``-m "not slow"``; about a minute per
 notebook on 2 CPU cores.
 
-Needs the ``[dev]`` extra (``nbclient``, ``nbformat``, ``ipykernel``, whose wheel
-installs the ``python3`` kernel spec).
+Needs the ``[dev]`` extra (``nbclient``, ``nbformat``, ``jupytext``, and ``ipykernel``,
+whose wheel installs the ``python3`` kernel spec).
 """
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ CELL_TIMEOUT = 300
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("make_notebooks",
-                                                  NOTEBOOK_DIR / "make_notebooks.py")
+    spec = importlib.util.spec_from_file_location("notebooks_build", NOTEBOOK_DIR / "build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -40,11 +39,11 @@ def test_notebooks_exist_and_are_generated():
     gen = _generator()
     built = gen.build()
     assert sorted(built) == [p.name for p in NOTEBOOKS], \
-        "notebooks/ and notebooks/make_notebooks.py list different notebooks"
+        "notebooks/*.ipynb and notebooks/src/*.py list different notebooks"
     for path in NOTEBOOKS:
         stored = nbformat.read(path, as_version=4)
         assert gen._normalised(stored) == gen._normalised(built[path.name]), \
-            f"{path.name} is out of date: run python notebooks/make_notebooks.py"
+            f"{path.name} is out of date: run python notebooks/build.py"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
