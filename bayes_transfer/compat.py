@@ -13,6 +13,8 @@ import sys
 
 #: old module name -> the module that replaced it
 ALIASES: dict[str, str] = {
+    "bayes_transfer.torch_reader": "bayes_transfer.interop.torch_reader",
+    "bayes_transfer.torch_import": "bayes_transfer.interop.torch_prior",
 }
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 
 from bayes_transfer import artifact as A
-from bayes_transfer import torch_reader
+from bayes_transfer.interop import torch_reader
 from bayes_transfer.errors import BayesTransferError
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior

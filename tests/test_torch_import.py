@@ -22,15 +22,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bayes_transfer import models, torch_reader
+from bayes_transfer import models
 from bayes_transfer.artifact import load_prior
 from bayes_transfer.errors import (BayesTransferError, LegacyTorchFormatError, TorchFormatError,
                                    TorchImportError, UnsafePickleError)
+from bayes_transfer.interop import (ParamMap, ReferenceLayout, convert_reference,
+                                    import_torch_prior, import_torch_weights, reference_layout,
+                                    torch_reader)
 from bayes_transfer.params import flatten_with_paths
 from bayes_transfer.prior import Prior
-from bayes_transfer.torch_import import (ParamMap, ReferenceLayout, add_import_parser,
-                                         convert_reference, import_torch_prior,
-                                         import_torch_weights, reference_layout)
 
 TORCH_REASON = ("torch is not installed: `pip install torch==2.13.0` (the [torch] extra) to run "
                 "the importer tests against real torch.save files")

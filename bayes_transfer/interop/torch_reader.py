@@ -38,7 +38,7 @@ allocate absurd amounts of memory.
 
 Example::
 
-    from bayes_transfer import torch_reader
+    from bayes_transfer.interop import torch_reader
     state_dict = torch_reader.load("resnet50_ssl_prior_model.pt")   # {name: np.ndarray}
     mean = torch_reader.load("resnet50_ssl_prior_mean.pt")           # np.ndarray (d,)
 

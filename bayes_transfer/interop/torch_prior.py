@@ -12,10 +12,11 @@ The three vectors are flat in ``backbone.parameters()`` order: torchvision's mod
 registration order (conv1, bn1, layer1.0.conv1, layer1.0.bn1, ..., downsample last in a
 block), trainable parameters only, each tensor flattened in torch's layout (a conv
 weight OIHW, row-major). :func:`import_torch_prior` reads them with the safe reader
-(:mod:`bayes_transfer.torch_reader`; nothing is unpickled with ``pickle``), reorders
+(:mod:`bayes_transfer.interop.torch_reader`; nothing is unpickled with ``pickle``), reorders
 every vector and every row of C into the prior's :class:`~bayes_transfer.params.ParamSpec`
 order (our Flax backbone paths), transposing each conv slice OIHW → HWIO (the same
-permutation for θ̄, v and C), converts the covariance convention and writes an artifact.
+permutation for θ̄, v and C; the map is :mod:`bayes_transfer.interop.torch_layout`),
+converts the covariance convention and writes an artifact.
 
 What the reference's density is, and how it is converted
 --------------------------------------------------------
@@ -54,7 +55,7 @@ reference code computed from whatever the file holds. The metadata records all o
 
 Example::
 
-    from bayes_transfer.torch_import import import_torch_prior, import_torch_weights
+    from bayes_transfer.interop import import_torch_prior, import_torch_weights
     prior = import_torch_prior("downloads/resnet50_ssl_prior", arch="resnet50",
                                out="priors/imagenet-resnet50-simclr", method="simclr",
                                scale=1.0)
@@ -66,152 +67,34 @@ or ``bayes-transfer priors import-torch downloads/resnet50_ssl_prior --out DIR``
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 import math
 import warnings
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from bayes_transfer import torch_reader
+from bayes_transfer import models
+from bayes_transfer.artifact import save_prior
 from bayes_transfer.errors import TorchImportError
-from bayes_transfer.params import BACKBONE_RULE, ParamSpec
+from bayes_transfer.interop.torch_layout import (SUPPORTED_ARCHS, ParamMap, ReferenceLayout,
+                                                 reference_layout)
+from bayes_transfer.interop.torch_reader import load as read_pt
+from bayes_transfer.params import flatten_with_paths
+from bayes_transfer.prior import Prior
 
-__all__ = ["SUPPORTED_ARCHS", "REFERENCE_FILES", "ReferenceLayout", "ParamMap",
+__all__ = ["SUPPORTED_ARCHS", "REFERENCE_FILES", "CONVENTIONS", "ReferenceLayout", "ParamMap",
            "reference_layout", "reference_files", "convert_reference", "import_torch_prior",
-           "import_torch_weights", "add_import_parser"]
+           "import_torch_weights"]
 
-#: Architectures with torchvision's layout (``bayes_transfer.models.resnet_torchvision``).
-SUPPORTED_ARCHS = ("resnet18", "resnet50")
 #: role -> file-name suffix appended to PREFIX.
 REFERENCE_FILES = {"model": "_model.pt", "mean": "_mean.pt", "variance": "_variance.pt",
                    "covmat": "_covmat.pt"}
 CONVENTIONS = ("reference", "swag")
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
-# torchvision registration order of ResNet submodules and parameters
-_RANK = {"conv1": 0, "bn1": 1, "conv2": 2, "bn2": 3, "conv3": 4, "bn3": 5, "downsample": 6,
-         "layer1": 11, "layer2": 12, "layer3": 13, "layer4": 14, "weight": 0, "bias": 1}
-
-
-def _torch_order(key: str) -> tuple[int, ...]:
-    """Sort key giving torchvision's ``parameters()`` order of ResNet parameter names."""
-    return tuple(int(t) if t.isdigit() else _RANK[t] for t in key.split("."))
-
-
-# ====================================================================== layout
-@dataclasses.dataclass(frozen=True)
-class ParamMap:
-    """One trainable backbone tensor: where it sits in torch's flat vector and in ours."""
-
-    key: str                      # torchvision state-dict name, e.g. "layer1.0.conv1.weight"
-    path: str                     # Flax path, e.g. "backbone/layer1/0/conv1/kernel"
-    transform: str                # "oihw_to_hwio", "transpose" or "identity"
-    torch_shape: tuple[int, ...]
-    flax_shape: tuple[int, ...]
-    torch_offset: int             # offset in the reference's flat vectors
-    spec_offset: int              # offset in the prior's (d,) vector (ParamSpec order)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.torch_shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class ReferenceLayout:
-    """The map between the reference's flat torch-order vectors and a prior's ParamSpec."""
-
-    arch: str
-    spec: ParamSpec
-    params: tuple[ParamMap, ...]      # in torch (``backbone.parameters()``) order
-
-    @property
-    def dim(self) -> int:
-        return self.spec.size
-
-    @property
-    def torch_keys(self) -> tuple[str, ...]:
-        return tuple(p.key for p in self.params)
-
-    def to_spec_order(self, x, dtype=np.float32) -> np.ndarray:
-        """Reorder ``x`` ((d,) or (K, d), torch order) into spec order, OIHW → HWIO."""
-        return self._permute(x, dtype, to_spec=True)
-
-    def to_torch_order(self, x, dtype=np.float32) -> np.ndarray:
-        """Inverse of :meth:`to_spec_order`: spec order → the reference's torch order."""
-        return self._permute(x, dtype, to_spec=False)
-
-    def _permute(self, x, dtype, *, to_spec: bool) -> np.ndarray:
-        x = np.asarray(x)
-        if x.ndim not in (1, 2) or x.shape[-1] != self.dim:
-            raise TorchImportError(f"expected a ({self.dim},) vector or (K, {self.dim}) matrix "
-                                   f"for {self.arch}, got shape {x.shape}")
-        lead = x.shape[:-1]
-        nb = len(lead)
-        out = np.empty(x.shape, dtype=dtype or x.dtype)
-        for p in self.params:
-            n = p.size
-            src_o, dst_o = ((p.torch_offset, p.spec_offset) if to_spec
-                            else (p.spec_offset, p.torch_offset))
-            src_shape = p.torch_shape if to_spec else p.flax_shape
-            seg = x[..., src_o:src_o + n].reshape(lead + src_shape)
-            seg = np.transpose(seg, tuple(range(nb)) + tuple(
-                nb + a for a in _axes(p.transform, inverse=not to_spec, ndim=len(src_shape))))
-            out[..., dst_o:dst_o + n] = seg.reshape(lead + (n,))
-        return out
-
-
-def _axes(transform: str, *, inverse: bool, ndim: int) -> tuple[int, ...]:
-    if transform == "oihw_to_hwio":
-        return (3, 2, 0, 1) if inverse else (2, 3, 1, 0)
-    if transform == "transpose":
-        return (1, 0)
-    return tuple(range(ndim))
-
-
-@functools.lru_cache(maxsize=8)
-def reference_layout(arch: str = "resnet50", num_classes: int = 1000) -> ReferenceLayout:
-    """The torch-order ↔ ParamSpec map of ``arch``'s backbone (RGB input, 3 channels).
-
-    The spec is ``ParamSpec.from_params(nnx.state(model, nnx.Param))`` of
-    ``bayes_transfer.models.create(arch, num_classes, in_channels=3)`` (built abstractly:
-    no weights are allocated), i.e. what a fine-tuning job on that model checks against.
-    """
-    from flax import nnx
-
-    from bayes_transfer import models
-
-    if arch not in SUPPORTED_ARCHS:
-        raise TorchImportError(f"architecture {arch!r} has no torchvision layout here; the "
-                               f"reference format is supported for {', '.join(SUPPORTED_ARCHS)}")
-    model = nnx.eval_shape(lambda: models.create(arch, num_classes, in_channels=3))
-    state = nnx.state(model, nnx.Param)
-    spec = ParamSpec.from_params(state, BACKBONE_RULE)
-    names = models.torchvision_names(state)
-    spec_offsets = dict(zip(spec.paths, spec.offsets))
-    entries = []
-    for path, flax_shape in zip(spec.paths, spec.shapes):
-        key, transform = names[path]
-        torch_shape = _torch_shape(flax_shape, transform)
-        entries.append((key, path, transform, torch_shape, tuple(flax_shape)))
-    entries.sort(key=lambda e: _torch_order(e[0]))
-    params, offset = [], 0
-    for key, path, transform, torch_shape, flax_shape in entries:
-        params.append(ParamMap(key, path, transform, torch_shape, flax_shape, offset,
-                               spec_offsets[path]))
-        offset += math.prod(torch_shape)
-    return ReferenceLayout(arch, spec, tuple(params))
-
-
-def _torch_shape(flax_shape, transform) -> tuple[int, ...]:
-    s = tuple(int(v) for v in flax_shape)
-    if transform == "oihw_to_hwio":          # HWIO -> OIHW
-        return (s[3], s[2], s[0], s[1])
-    if transform == "transpose":
-        return s[::-1]
-    return s
 
 
 # ====================================================================== files
@@ -237,7 +120,7 @@ def _sha256(path: Path) -> str:
 
 
 def _load_array(path: Path, role: str, ndim: int) -> np.ndarray:
-    obj = torch_reader.load(path)
+    obj = read_pt(path)
     if not isinstance(obj, np.ndarray):
         raise TorchImportError(f"{path} should hold one tensor (the reference's {role}), but "
                                f"holds a {type(obj).__name__}")
@@ -438,8 +321,6 @@ def import_torch_prior(prefix, arch: str = "resnet50", out=None, num_classes: in
     ``converted_from``, ``reference`` (parameters, files, sha256s, model check) and
     ``scale_note`` saying exactly what was converted.
     """
-    from bayes_transfer.prior import Prior
-
     if check_model not in ("error", "warn", "ignore"):
         raise TorchImportError(f"check_model must be 'error', 'warn' or 'ignore', got "
                                f"{check_model!r}")
@@ -466,14 +347,14 @@ def import_torch_prior(prefix, arch: str = "resnet50", out=None, num_classes: in
             raise TorchImportError(f"{files[role]}: the {role} has {x.shape[0]} values, the "
                                    f"{arch} backbone has d = {d}{_dim_hint(x.shape[0], layout)}")
     if cov_t.shape[1] != d:
-        hint = (f"; it looks transposed: the reference stores the covmat as (K, d)"
+        hint = ("; it looks transposed: the reference stores the covmat as (K, d)"
                 if cov_t.shape[0] == d else _dim_hint(cov_t.shape[1], layout))
         raise TorchImportError(f"{files['covmat']}: shape {cov_t.shape}, expected (K, {d}) "
                                f"for {arch}{hint}")
 
     model_report: dict[str, Any] = {"checked": False}
     if check_model != "ignore":
-        sd = _state_dict(torch_reader.load(files["model"]), files["model"])
+        sd = _state_dict(read_pt(files["model"]), files["model"])
         model_report = _check_model(sd, mean_t, layout, files["model"], model_rtol, model_atol)
         del sd
         if not model_report["matches"]:
@@ -493,7 +374,6 @@ def import_torch_prior(prefix, arch: str = "resnet50", out=None, num_classes: in
         prior = Prior.lowrank(layout.spec, conv["mean"], conv["var"], conv["deviations"],
                               scale=conv["scale"], floor=conv["floor"])
     if dtype == "bfloat16":
-        import jax.numpy as jnp
         prior = prior.astype(jnp.bfloat16)
 
     reference = {
@@ -523,7 +403,6 @@ def import_torch_prior(prefix, arch: str = "resnet50", out=None, num_classes: in
     }
     prior = prior.with_metadata(metadata)
     if out is not None:
-        from bayes_transfer.artifact import save_prior
         save_prior(prior, out, overwrite=overwrite)
     return prior
 
@@ -538,16 +417,11 @@ def import_torch_weights(path, arch: str = "resnet50", *, num_classes: int = 100
     ``models.create(arch, n, in_channels=3)``. ``fc.*`` entries, if any, are ignored;
     any other missing or unexpected key raises TorchImportError.
     """
-    from flax import nnx
-
-    from bayes_transfer import models
-    from bayes_transfer.params import flatten_with_paths
-
     if arch not in SUPPORTED_ARCHS:
         raise TorchImportError(f"architecture {arch!r} has no torchvision layout here; "
                                f"supported: {', '.join(SUPPORTED_ARCHS)}")
     path = Path(path).expanduser()
-    sd = _state_dict(torch_reader.load(path), path)
+    sd = _state_dict(read_pt(path), path)
     model = nnx.eval_shape(lambda: models.create(arch, num_classes, in_channels=3))
     state = nnx.state(model)
     flat = flatten_with_paths(state)
@@ -582,67 +456,3 @@ def _put(tree: dict, path: str, value) -> None:
     for k in keys[:-1]:
         tree = tree.setdefault(k, {})
     tree[keys[-1]] = value
-
-
-# ====================================================================== CLI
-def add_import_parser(subparsers):
-    """Add ``import-torch PREFIX --arch resnet50 --out DIR`` to an argparse subparsers."""
-    p = subparsers.add_parser(
-        "import-torch",
-        help="convert a reference PyTorch prior (PREFIX_{model,mean,variance,covmat}.pt)",
-        description="Convert the learned-prior authors' reference PyTorch prior files into a "
-                    "prior artifact. No pickle is executed. The reference scaled its low-rank "
-                    "part by λ² (prior_scale); the artifact reproduces its density exactly at "
-                    "--scale and records the conversion in its metadata.")
-    p.add_argument("prefix", metavar="PREFIX",
-                   help="common prefix of the four files, e.g. downloads/resnet50_ssl_prior")
-    p.add_argument("--arch", default="resnet50", choices=SUPPORTED_ARCHS)
-    p.add_argument("--out", required=True, help="artifact directory to write")
-    p.add_argument("--num-classes", type=int, default=1000,
-                   help="head size recorded in the metadata (default: %(default)s)")
-    p.add_argument("--method", default=None, help="source training: supervised or simclr")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="the reference's prior_scale λ at which to reproduce its density "
-                        "(default: %(default)s; the reference's own default was 1e10)")
-    p.add_argument("--eps", type=float, default=0.0,
-                   help="the reference's prior_eps, stored as the floor ε (its default was 0.1)")
-    p.add_argument("--rank", type=int, default=None,
-                   help="number_of_samples_prior k: covmat rows kept (the reference's default "
-                        "was 5; default: all rows)")
-    p.add_argument("--no-scale-low-rank", action="store_true",
-                   help="the reference was run with scale_low_rank=False (factor not scaled)")
-    p.add_argument("--convention", default="reference", choices=CONVENTIONS,
-                   help="reference: reproduce its density at --scale; swag: store the SWAG "
-                        "posterior in this toolkit's convention")
-    p.add_argument("--covmat", default="normalized", choices=["normalized", "raw"],
-                   help="with --convention swag: the covmat holds D̂/√(K−1) or raw deviations")
-    p.add_argument("--check-model", default="error", choices=["error", "warn", "ignore"],
-                   help="PREFIX_model.pt must equal the mean (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_import_torch)
-    return p
-
-
-def cmd_import_torch(args) -> None:
-    prior = import_torch_prior(
-        args.prefix, arch=args.arch, out=args.out, num_classes=args.num_classes,
-        method=args.method, scale=args.scale, floor=args.eps, rank=args.rank,
-        scale_low_rank=not args.no_scale_low_rank, convention=args.convention,
-        covmat=args.covmat, check_model=args.check_model, dtype=args.dtype,
-        overwrite=args.overwrite)
-    meta = prior.metadata
-    ref = meta["reference"]
-    check = ref["model_check"]
-    print(f"imported {prior} from {args.prefix} ({args.arch}, d = {prior.dim})")
-    print(f"  converted from: reference-torch ({ref['rows_used']} of {ref['rows_in_file']} "
-          f"covmat rows, convention {ref['convention']})")
-    print(f"  reference λ = {ref['prior_scale']:g}, ε = {ref['prior_eps']:g} -> stored "
-          f"scale {float(prior.scale):g}, floor {float(prior.floor):g}")
-    if check["checked"]:
-        print("  model file: " + ("matches the mean" if check["matches"]
-                                  else "DOES NOT match the mean: " + check["problem"]))
-    else:
-        print("  model file: not checked")
-    print(f"  scale note: {meta['scale_note']}")
-    print(f"saved to {args.out}")
