@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 
+import runner  # noqa: F401  (the repository's prior registry: runner/__init__.py)
 from bayes_transfer import data, hub, models
 from bayes_transfer.objectives import cross_entropy_loss, map_loss
 from bayes_transfer.params import ParamSpec

@@ -24,8 +24,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import runner  # noqa: E402,F401  (the repository's prior registry: runner/__init__.py)
+
+import bayes_transfer as bt  # noqa: E402
 from bayes_transfer import data as btdata  # noqa: E402
-from bayes_transfer.demo import model_for, resolve_prior  # noqa: E402
 from bayes_transfer.diagnostics import trace_gradients  # noqa: E402
 
 KEYS = ("cosine", "ratio", "adam_cosine", "adam_ratio", "val_nll", "val_error")
@@ -49,14 +51,14 @@ def main(argv=None) -> int:
         plot(report["runs"], variances, out.with_suffix(".png"))
         return 0
     t0 = time.perf_counter()
-    prior = resolve_prior(args.prior)
+    prior = bt.load_prior(args.prior)
     variances = [float(v) for v in args.variances.split(",")]
     runs = []
     for seed in range(args.seeds):
         splits = btdata.load(args.dataset, shots_per_class=args.shots, seed=seed)
         for v in variances:
-            traces = trace_gradients(model_for(prior, splits.train.num_classes, seed), splits,
-                                     prior, variance=v, every=args.every)
+            model = bt.models.from_prior(prior, splits.train.num_classes, seed=seed)
+            traces = trace_gradients(model, splits, prior, variance=v, every=args.every)
             for name, trace in traces.items():
                 rec = {"seed": seed, "variance": v, "optimizer": name,
                        "epochs": trace.series("epoch").tolist(),

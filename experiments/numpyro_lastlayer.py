@@ -21,8 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import runner  # noqa: E402,F401  (the repository's prior registry: runner/__init__.py)
+
+import bayes_transfer as bt  # noqa: E402
 from bayes_transfer import data as btdata  # noqa: E402
-from bayes_transfer.demo import DEMO_CONFIG, model_for, resolve_prior  # noqa: E402
+from bayes_transfer.demo import DEMO_CONFIG  # noqa: E402
 from bayes_transfer.inference.bma import evaluate_probs  # noqa: E402
 from bayes_transfer.inference.map import finetune  # noqa: E402
 from bayes_transfer.inference.numpyro_lastlayer import (  # noqa: E402
@@ -44,9 +47,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
 
-    prior = resolve_prior(args.prior)
+    prior = bt.load_prior(args.prior)
     splits = btdata.load(args.dataset, shots_per_class=args.shots, seed=args.seed)
-    model = model_for(prior, splits.train.num_classes, args.seed)
+    model = bt.models.from_prior(prior, splits.train.num_classes, seed=args.seed)
     res = finetune(model, splits, prior, "lowrank", config=DEMO_CONFIG)
     print(f"MAP (lowrank, λ={res.scale:.3g}): test {res.metrics}")
 

@@ -17,7 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-import run as runner  # noqa: E402
+from runner.cells import cell_key  # noqa: E402
+from runner.config import load_config, parse_shots  # noqa: E402
+from runner.report import interval  # noqa: E402
+from runner.store import stored_rows  # noqa: E402
 
 from bayes_transfer.errors import BayesTransferError  # noqa: E402
 
@@ -31,13 +34,13 @@ def paired(rows: list[dict], config: dict, a: str, b: str) -> list[dict]:
     for label in config["priors"]:
         for shots in config["shots"]:
             pairs = [(by[ka], by[kb]) for seed in config["seeds"]
-                     if (ka := runner.cell_key(label, shots, seed, a)) in by
-                     and (kb := runner.cell_key(label, shots, seed, b)) in by]
+                     if (ka := cell_key(label, shots, seed, a)) in by
+                     and (kb := cell_key(label, shots, seed, b)) in by]
             if not pairs:
                 continue
             entry = {"prior": label, "shots": shots, "n": len(pairs)}
             for m in METRICS:
-                entry[m] = runner.interval([ra["test"][m] - rb["test"][m] for ra, rb in pairs])
+                entry[m] = interval([ra["test"][m] - rb["test"][m] for ra, rb in pairs])
             out.append(entry)
     return out
 
@@ -66,11 +69,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="runner output directory")
     args = parser.parse_args(argv)
     try:
-        config = runner.load_config(args.config, seeds=args.seeds,
-                                    shots=runner.parse_shots(args.shots),
-                                    methods=[args.a, args.b])
+        config = load_config(args.config, seeds=args.seeds, shots=parse_shots(args.shots),
+                             methods=[args.a, args.b])
         out = Path(args.out or ROOT / "experiments" / "results" / config["name"])
-        rows = runner.stored_rows(out, "run experiments/run.py first, or pass --out")
+        rows = stored_rows(out, "run experiments/run.py first, or pass --out")
         entries = paired(rows, config, args.a, args.b)
         if not entries:
             raise BayesTransferError(f"no seed has both {args.a!r} and {args.b!r} in {out}")

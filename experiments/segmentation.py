@@ -29,6 +29,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import runner  # noqa: E402,F401  (the repository's prior registry: runner/__init__.py)
+
+import bayes_transfer as bt  # noqa: E402
 from bayes_transfer import segmentation as seg  # noqa: E402
 from bayes_transfer.data.errors import DatasetNotFoundError  # noqa: E402
 
@@ -148,15 +151,13 @@ def main(argv=None) -> int:
                         help="also write test overlays of seed 0 (learned prior) as PNGs")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else CONFIG
-    from bayes_transfer.demo import resolve_prior
-
     refs = cfg["priors"]
     if args.prior:
         refs = dict(p.split("=", 1) if "=" in p else (p, p) for p in args.prior)
     t0 = time.perf_counter()
     rows, tables, prior_info = [], {}, {}
     for label, ref in refs.items():
-        prior = resolve_prior(ref)
+        prior = bt.load_prior(ref)
         meta = prior.metadata
         prior_info[label] = {"ref": ref, "kind": prior.kind, "dim": prior.dim,
                              "rank": prior.rank, "metadata": meta}

@@ -31,10 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT))
 
-import run as runner  # noqa: E402
+from runner.cells import cell_key, finetune_config  # noqa: E402
+from runner.config import load_config, parse_shots  # noqa: E402
+from runner.store import read_rows  # noqa: E402
 
+import bayes_transfer as bt  # noqa: E402
 from bayes_transfer import data as btdata  # noqa: E402
-from bayes_transfer.demo import model_for, resolve_prior  # noqa: E402
+from bayes_transfer.fsutil import write_text  # noqa: E402
 from bayes_transfer.inference.map import finetune  # noqa: E402
 from bayes_transfer.suggest import suggest  # noqa: E402
 
@@ -48,9 +51,9 @@ def _check(prior_label, prior, shots, seed, row, config, method, previous):
     if (old.get("variance"), old.get("reinit_top")) == (s.variance, s.reinit_top):
         test, val = old["test"], old["val"]
     else:
-        fconf = runner.finetune_config(tuning, row["learning_rate"], len(splits.train), seed)
-        res = finetune(model_for(prior, splits.train.num_classes, seed), splits, prior, method,
-                       config=s.finetune_config(fconf))
+        fconf = finetune_config(tuning, row["learning_rate"], len(splits.train), seed)
+        model = bt.models.from_prior(prior, splits.train.num_classes, seed=seed)
+        res = finetune(model, splits, prior, method, config=s.finetune_config(fconf))
         test, val = res.metrics, res.val_metrics
     mean_var = float(np.mean(np.asarray(prior.for_method(method).base_variance(), np.float64)))
     sweep_var = row["scale"] * mean_var if math.isfinite(row["scale"]) else math.inf
@@ -69,7 +72,7 @@ def correlations(report: list[dict], rows: list[dict]) -> dict:
     for measure in ("knn_normalized", "logme", "gain"):
         xs = [e["measures"].get(measure, math.nan) for e in report]
         targets = {"sweep_variance": [e["sweep"]["variance"] for e in report]}
-        gains = [standard.get(runner.cell_key(e["prior"], e["shots"], e["seed"], "standard"))
+        gains = [standard.get(cell_key(e["prior"], e["shots"], e["seed"], "standard"))
                  for e in report]
         if all(g is not None for g in gains):
             targets["nll_gain_over_standard"] = [
@@ -92,20 +95,20 @@ def main(argv=None) -> int:
                    help="prior label of the config (repeatable; default: every prior)")
     p.add_argument("--out", default=None, help="runner output directory (default: its own)")
     args = p.parse_args(argv)
-    config = runner.load_config(args.config)
+    config = load_config(args.config)
     out = Path(args.out or ROOT / "experiments" / "results" / config["name"])
-    rows = runner.read_rows(out / "runs.jsonl")
+    rows = read_rows(out / "runs.jsonl")
     stored = out / "suggest.json"
     previous = {} if not stored.exists() else {      # an older file has no "entries"
         (e["prior"], e["shots"], e["seed"]): e
         for e in json.loads(stored.read_text()).get("entries", [])}
-    shots_list = runner.parse_shots(args.shots) or config["shots"]
+    shots_list = parse_shots(args.shots) or config["shots"]
     report = []
     for label in args.prior or list(config["priors"]):
-        prior = resolve_prior(config["priors"][label])
+        prior = bt.load_prior(config["priors"][label])
         for shots in shots_list:
             for seed in config["seeds"]:
-                row = next((r for r in rows if r["key"] == runner.cell_key(
+                row = next((r for r in rows if r["key"] == cell_key(
                     label, shots, seed, args.method)), None)
                 if row is None:
                     print(f"{label} shots={shots} seed={seed}: no runner result for "
@@ -139,12 +142,10 @@ def main(argv=None) -> int:
     corr = correlations(report, rows)
     for name, c in corr.items():
         print(f"Spearman {name}: rho = {c['rho']:+.2f} (p = {c['p']:.2g}, n = {c['n']})")
-    tmp = out / "suggest.json.tmp"
-    tmp.write_text(json.dumps(
+    write_text(stored, json.dumps(
         {"config": args.config, "method": args.method, "summary": summary,
          "correlations": corr, "entries": report}, indent=2,
         default=float))
-    tmp.replace(stored)
     print(f"wrote {out / 'suggest.json'}")
     return 0
 

@@ -16,7 +16,7 @@ from bayes_transfer.train import split_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import paired  # noqa: E402
-import run as runner  # noqa: E402
+import runner  # noqa: E402
 
 
 @pytest.fixture(scope="module")
