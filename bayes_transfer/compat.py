@@ -13,6 +13,14 @@ import sys
 
 #: old module name -> the module that replaced it
 ALIASES: dict[str, str] = {
+    "bayes_transfer.train": "bayes_transfer.training",
+    "bayes_transfer.objectives": "bayes_transfer.training.objectives",
+    "bayes_transfer.checkpoints": "bayes_transfer.training.checkpoints",
+    "bayes_transfer.metrics": "bayes_transfer.evaluation.metrics",
+    "bayes_transfer.plots": "bayes_transfer.evaluation.plots",
+    "bayes_transfer.transferability": "bayes_transfer.analysis.transferability",
+    "bayes_transfer.suggest": "bayes_transfer.analysis.suggest",
+    "bayes_transfer.diagnostics": "bayes_transfer.analysis.diagnostics",
     "bayes_transfer.torch_reader": "bayes_transfer.interop.torch_reader",
     "bayes_transfer.torch_import": "bayes_transfer.interop.torch_prior",
 }

@@ -1,14 +1,13 @@
 """The main job on the embedded default: Fashion-MNIST prior → MNIST-5k, 10 shots per class.
 
-Loads the published small-CNN Fashion-MNIST prior (or learns a quick one if it is not
-there), fine-tunes on 10 MNIST-5k images per class with every method, chooses each
-method's λ on the validation split, and reports test error / NLL / ECE with a
-reliability diagram.
+Loads the published small-CNN Fashion-MNIST prior (it ships inside the package),
+fine-tunes on 10 MNIST-5k images per class with every method, chooses each method's λ
+on the validation split, and reports test error / NLL / ECE with a reliability diagram.
+Run by ``bayes-transfer demo`` (:mod:`bayes_transfer.cli.demo`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -17,6 +16,9 @@ import numpy as np
 
 from bayes_transfer import data as btdata
 from bayes_transfer import models as btmodels
+from bayes_transfer.evaluation.plots import reliability_diagram
+from bayes_transfer.fsutil import write_json
+from bayes_transfer.hub import load_prior
 from bayes_transfer.inference.map import FinetuneConfig, finetune
 from bayes_transfer.prior import METHODS
 
@@ -27,37 +29,13 @@ DEFAULT_PRIOR = "fashion-mnist/small-cnn"
 DEMO_CONFIG = dataclasses.replace(
     FinetuneConfig(), variances=(1.0, 10.0, 100.0),
     train=dataclasses.replace(FinetuneConfig().train, epochs=30))
-REPO_PRIORS = Path(__file__).resolve().parents[1] / "priors"
-
-
-def resolve_prior(ref: str | None):
-    """Load ``ref`` (a registered name, a path or a URL)."""
-    from bayes_transfer.artifact import load_prior
-
-    ref = ref or DEFAULT_PRIOR
-    try:
-        from bayes_transfer.hub import load_prior as hub_load
-        return hub_load(ref)
-    except ImportError:
-        pass
-    path = Path(ref)
-    if not path.exists():
-        path = REPO_PRIORS / ref
-    return load_prior(path)
-
-
-def model_for(prior, num_classes: int, seed: int):
-    """A fresh model of the prior's architecture with a new ``num_classes`` head."""
-    arch = dict(prior.metadata["architecture"])
-    arch.update(num_classes=num_classes, seed=seed)
-    return btmodels.create(**arch)
 
 
 def run_demo(prior_ref: str | None = None, *, target: str = "mnist_5k", shots: int = 10,
              seeds=(0,), methods=METHODS, out_dir: str = "outputs/demo",
              config: FinetuneConfig = DEMO_CONFIG) -> dict:
     t0 = time.perf_counter()
-    prior = resolve_prior(prior_ref)
+    prior = load_prior(prior_ref or DEFAULT_PRIOR)
     print(f"prior: {prior}  ({prior.metadata.get('source', {})})")
     rows: dict[str, list[dict]] = {m: [] for m in methods}
     reliability = {}
@@ -68,7 +46,7 @@ def run_demo(prior_ref: str | None = None, *, target: str = "mnist_5k", shots: i
         cache: dict = {}
         train = dataclasses.replace(config.train, seed=seed)
         for method in methods:
-            model = model_for(prior, splits.train.num_classes, seed)
+            model = btmodels.from_prior(prior, splits.train.num_classes, seed=seed)
             res = finetune(model, splits, prior, method,
                            config=dataclasses.replace(config, train=train), cache=cache)
             rows[method].append({**res.summary(), "sweep": res.sweep})
@@ -80,9 +58,7 @@ def run_demo(prior_ref: str | None = None, *, target: str = "mnist_5k", shots: i
     print()
     print(format_table(table, f"{target}, {shots} shots/class, seeds {list(seeds)}"))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"table": table, "runs": rows}, indent=2))
-    from bayes_transfer.plots import reliability_diagram
+    write_json(out / "results.json", {"table": table, "runs": rows})
     reliability_diagram(reliability, out / "reliability.png")
     print(f"\nwrote {out / 'results.json'} and {out / 'reliability.png'} "
           f"({time.perf_counter() - t0:.0f} s)")

@@ -13,13 +13,13 @@ import os
 
 from flax import nnx
 
-from bayes_transfer import metrics as btmetrics
-from bayes_transfer.inference.bma import refresh_batch_stats
-from bayes_transfer.objectives import cross_entropy_loss
+from bayes_transfer.evaluation import metrics as btmetrics
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
+from bayes_transfer.ssl import as_simclr_model, linear_probe
 from bayes_transfer.swag import SwagConfig, swag_collector, swag_prior
-from bayes_transfer.train import TrainConfig, TrainResult, fit, predict
+from bayes_transfer.training import (TrainConfig, TrainResult, cross_entropy_loss, fit, predict,
+                                     refresh_batch_stats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,6 @@ def learn_prior(model: nnx.Module, splits, config: LearnPriorConfig = LearnPrior
 
     simclr = getattr(loss_fn, "method", None) == "simclr"
     if simclr:  # a projection head outside backbone/: the prior covers what it would anyway
-        from bayes_transfer.ssl import as_simclr_model
         model = as_simclr_model(model)
     pretrain = fit(model, splits.train, loss_fn,
                    dataclasses.replace(config.train, checkpoint_dir=ckpt("pretrain")))
@@ -82,7 +81,6 @@ def learn_prior(model: nnx.Module, splits, config: LearnPriorConfig = LearnPrior
         info["source_accuracy"] = accuracy(collected, splits.test)
         info["source_accuracy_at_mean"] = accuracy_at_mean(collected, prior, splits)
     if simclr:
-        from bayes_transfer.ssl import linear_probe
         if getattr(model, "architecture", None) is not None:
             info["architecture"] = model.architecture
         if getattr(splits, "test", None) is not None and len(getattr(splits, "val", ())):

@@ -1,4 +1,5 @@
-"""Parameter paths: select the parameters a prior covers and flatten them to one vector.
+"""Parameter paths: every rule over them, the backbone's blocks, and ParamSpec (the
+parameters a prior covers, flattened to one vector).
 
 A path is the '/'-joined key path of a leaf in a parameter tree, e.g.
 ``backbone/stage1/0/conv1/kernel``. The same strings come out of an ``nnx.State``
@@ -16,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bayes_transfer.errors import SpecMismatchError
+from bayes_transfer.errors import BayesTransferError, SpecMismatchError
 
 BACKBONE_RULE = r"^backbone/"
+#: The classification head's leaves (outside every prior; ``head_decay`` applies).
+HEAD_RULE = r"^head/"
 
 
 def path_str(keypath: Iterable[Any]) -> str:
@@ -170,3 +173,48 @@ def map_with_paths(fn, tree):
     """``jax.tree.map`` whose function also receives each leaf's path string."""
     return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
 
+
+def backbone_blocks(params, rule: str = BACKBONE_RULE) -> list[tuple[str, tuple[str, ...]]]:
+    """The backbone's blocks, from the input to the output: ``[(name, leaf paths), ...]``.
+
+    A block is the path prefix up to the first run of integer components after
+    ``backbone/``: ``stages/2/0`` for small_cnn (``backbone/stages/<stage>/<block>/...``),
+    ``layer3/2`` for the ResNets (``backbone/layer<i>/<block>/...``; a block's downsample
+    belongs to it). Leaves with no integer component (the ResNet stem ``conv1``/``bn1``)
+    form one first block, ``stem``. Blocks are ordered by their names with numbers
+    compared as numbers.
+    """
+    pattern = re.compile(rule)
+    groups: dict[str, list[str]] = {}
+    for path in flatten_with_paths(params):
+        if not pattern.search(path):
+            continue
+        parts = path.split("/")[1:]
+        first = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if first is None:
+            name = "stem"
+        else:
+            last = first
+            while last + 1 < len(parts) - 1 and parts[last + 1].isdigit():
+                last += 1
+            name = "/".join(parts[:last + 1])
+        groups.setdefault(name, []).append(path)
+
+    def order(name):
+        if name == "stem":
+            return (0,)
+        return (1,) + tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
+                            for t in re.split(r"(\d+)", name))
+
+    return [(name, tuple(groups[name])) for name in sorted(groups, key=order)]
+
+
+def top_block_paths(params, k: int, rule: str = BACKBONE_RULE) -> tuple[str, ...]:
+    """Leaf paths of the top (output-side) ``k`` blocks of :func:`backbone_blocks`."""
+    if k <= 0:
+        return ()
+    blocks = backbone_blocks(params, rule)
+    if k > len(blocks):
+        raise BayesTransferError(f"reinit_top={k}, but the backbone has {len(blocks)} blocks: "
+                                 f"{', '.join(name for name, _ in blocks)}")
+    return tuple(p for _, paths in blocks[-k:] for p in paths)

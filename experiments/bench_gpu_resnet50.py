@@ -7,12 +7,12 @@
         --steps 1 --reps 1                          # the same code in seconds (tests run it)
 
 Made for a GPU (or TPU) host, it runs on whatever devices JAX sees: with several, the
-batch is sharded over a ``data`` mesh axis (``bayes_transfer.train.data_mesh``), the
+batch is sharded over a ``data`` mesh axis (``bayes_transfer.training.data_mesh``), the
 state is replicated and the prior is sharded along d (``Prior.shard``), as in
-``bayes_transfer.train.fit``.
+``bayes_transfer.training.fit``.
 
 What it measures. One training step is the one ``fit`` compiles for MAP fine-tuning:
-``bayes_transfer.objectives.map_loss`` (cross-entropy + head decay − log p(θ_backbone)/N),
+``bayes_transfer.training.map_loss`` (cross-entropy + head decay − log p(θ_backbone)/N),
 its gradient, an SGD-with-momentum update, state donated. It is timed
 
 * without the prior term (the flat prior: standard fine-tuning),
@@ -46,10 +46,10 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bayes_transfer import models
-from bayes_transfer.objectives import map_loss
+from bayes_transfer.training.objectives import map_loss
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
-from bayes_transfer.train import data_mesh, make_apply, split_model
+from bayes_transfer.training import data_mesh, make_apply, split_model
 
 
 def synthetic_prior(spec: ParamSpec, params, rank: int, seed: int = 0) -> Prior:

@@ -18,10 +18,10 @@ import numpy as np
 
 import runner  # noqa: F401  (the repository's prior registry: runner/__init__.py)
 from bayes_transfer import data, hub, models
-from bayes_transfer.objectives import cross_entropy_loss, map_loss
+from bayes_transfer.training.objectives import cross_entropy_loss, map_loss
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.swag import SwagConfig, swag_collector
-from bayes_transfer.train import TrainConfig, fit, split_model
+from bayes_transfer.training import TrainConfig, fit, split_model
 
 
 def paired(fn_a, fn_b, reps):

@@ -7,7 +7,7 @@ variance v (λ = v / mean diag Σ₀) and each optimizer (SGD with momentum 0.9 
 both LR 1e-2 cosine, 40 epochs of batch 32, the fine-tuning default budget), fine-tune
 from the prior mean under the learned low-rank prior and log, every ``--every`` epochs,
 the cosine and the norm ratio ‖∇prior‖/‖∇likelihood‖ over the covered parameters
-(``bayes_transfer.diagnostics``), also after Adam's per-coordinate scaling, with
+(``bayes_transfer.analysis.diagnostics``), also after Adam's per-coordinate scaling, with
 validation NLL. Writes ``experiments/results/gradient_diagnostics.json`` and ``.png``.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import runner  # noqa: E402,F401  (the repository's prior registry: runner/__ini
 
 import bayes_transfer as bt  # noqa: E402
 from bayes_transfer import data as btdata  # noqa: E402
-from bayes_transfer.diagnostics import trace_gradients  # noqa: E402
+from bayes_transfer.analysis.diagnostics import trace_gradients  # noqa: E402
 
 KEYS = ("cosine", "ratio", "adam_cosine", "adam_ratio", "val_nll", "val_error")
 

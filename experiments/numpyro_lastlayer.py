@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -25,13 +26,18 @@ import runner  # noqa: E402,F401  (the repository's prior registry: runner/__ini
 
 import bayes_transfer as bt  # noqa: E402
 from bayes_transfer import data as btdata  # noqa: E402
-from bayes_transfer.demo import DEMO_CONFIG  # noqa: E402
-from bayes_transfer.inference.bma import evaluate_probs  # noqa: E402
-from bayes_transfer.inference.map import finetune  # noqa: E402
+from bayes_transfer.evaluation.metrics import evaluate_probs  # noqa: E402
+from bayes_transfer.inference.map import FinetuneConfig, finetune  # noqa: E402
 from bayes_transfer.inference.numpyro_lastlayer import (  # noqa: E402
     last_layer_features, last_layer_nuts, last_layer_predict)
 from bayes_transfer.params import ParamSpec  # noqa: E402
 from bayes_transfer.prior import Prior  # noqa: E402
+
+
+#: The demo's MAP budget (3 prior strengths + the no-prior limit, 30 epochs).
+MAP_CONFIG = dataclasses.replace(
+    FinetuneConfig(), variances=(1.0, 10.0, 100.0),
+    train=dataclasses.replace(FinetuneConfig().train, epochs=30))
 
 
 def main(argv=None) -> int:
@@ -50,7 +56,7 @@ def main(argv=None) -> int:
     prior = bt.load_prior(args.prior)
     splits = btdata.load(args.dataset, shots_per_class=args.shots, seed=args.seed)
     model = bt.models.from_prior(prior, splits.train.num_classes, seed=args.seed)
-    res = finetune(model, splits, prior, "lowrank", config=DEMO_CONFIG)
+    res = finetune(model, splits, prior, "lowrank", config=MAP_CONFIG)
     print(f"MAP (lowrank, λ={res.scale:.3g}): test {res.metrics}")
 
     feats = {name: last_layer_features(res.result, getattr(splits, name))

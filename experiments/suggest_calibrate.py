@@ -1,4 +1,4 @@
-"""Calibrate ``bayes_transfer.suggest.rule`` on stored validation choices, check it on
+"""Calibrate ``bayes_transfer.analysis.suggest.rule`` on stored validation choices, check it on
 held-out ones.
 
     python experiments/suggest_calibrate.py \\
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bayes_transfer.errors import BayesTransferError  # noqa: E402
-from bayes_transfer.suggest import rule  # noqa: E402
+from bayes_transfer.analysis.suggest import rule  # noqa: E402
 
 STRONGEST = (0.1, 1.0, 10.0)
 FULL_GAIN = (0.05, 0.1, 0.2)

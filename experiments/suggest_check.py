@@ -1,4 +1,4 @@
-"""``bayes_transfer.suggest`` against the runner's validation sweep, seed by seed.
+"""``bayes_transfer.analysis.suggest`` against the runner's validation sweep, seed by seed.
 
     python experiments/suggest_check.py experiments/configs/bayes_mnist5k_10shot.json
     python experiments/suggest_check.py experiments/configs/nonbinary_fashion59.json --shots 10
@@ -39,7 +39,7 @@ import bayes_transfer as bt  # noqa: E402
 from bayes_transfer import data as btdata  # noqa: E402
 from bayes_transfer.fsutil import write_text  # noqa: E402
 from bayes_transfer.inference.map import finetune  # noqa: E402
-from bayes_transfer.suggest import suggest  # noqa: E402
+from bayes_transfer.analysis.suggest import suggest  # noqa: E402
 
 
 def _check(prior_label, prior, shots, seed, row, config, method, previous):

@@ -8,14 +8,15 @@ import pytest
 from flax import nnx
 
 from bayes_transfer.data import ArrayDataset, Splits
-from bayes_transfer.inference.bma import (PosteriorConfig, PosteriorSamples, bma_predict,
-                                          refresh_batch_stats, sample_posterior)
+from bayes_transfer.inference import (PosteriorConfig, PosteriorSamples, bma_predict,
+                                      sample_posterior)
+from bayes_transfer.training import refresh_batch_stats
 from bayes_transfer.inference.numpyro_lastlayer import last_layer_nuts, last_layer_predict
 from bayes_transfer.inference.sgld import SGLDConfig
 from bayes_transfer.inference.swag_downstream import SwagDownstreamConfig
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
-from bayes_transfer.train import predict, split_model
+from bayes_transfer.training import predict, split_model
 
 
 class _Backbone(nnx.Module):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bayes_transfer import metrics
+from bayes_transfer.evaluation import metrics
 from bayes_transfer.inference.calibration import (apply_temperature, calibrate, fit_temperature,
                                                   temperature_nll, temperature_scale)
 

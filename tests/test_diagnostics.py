@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from bayes_transfer import data, models
-from bayes_transfer.diagnostics import gradient_diagnostics, trace_gradients
+from bayes_transfer.analysis.diagnostics import gradient_diagnostics, trace_gradients
 from bayes_transfer.params import ParamSpec, flatten_with_paths
 from bayes_transfer.prior import Prior
-from bayes_transfer.train import TrainConfig, split_model
+from bayes_transfer.training import TrainConfig, split_model
 
 
 @pytest.fixture(scope="module")

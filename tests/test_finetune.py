@@ -8,10 +8,10 @@ import pytest
 
 from bayes_transfer import data, models
 from bayes_transfer.inference.map import FinetuneConfig, finetune, scale_grid
-from bayes_transfer.objectives import head_sq_norm, map_loss
+from bayes_transfer.training.objectives import head_sq_norm, map_loss
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
-from bayes_transfer.train import TrainConfig, make_apply, split_model
+from bayes_transfer.training import TrainConfig, make_apply, split_model
 
 CONFIG = FinetuneConfig(train=TrainConfig(epochs=4, batch_size=32, optimizer="adam",
                                           learning_rate=1e-3, progress=False),

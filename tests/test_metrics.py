@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bayes_transfer import metrics
+from bayes_transfer.evaluation import metrics
 
 # Four binary examples. Top-class confidence / correct?:
 #   0.90 yes, 0.85 no (label 1 has p=0.15), 0.70 yes, 0.55 yes.
@@ -186,7 +186,7 @@ def test_pixel_accuracy():
 
 
 def test_reliability_diagram_writes_a_png(tmp_path):
-    from bayes_transfer.plots import reliability_diagram
+    from bayes_transfer.evaluation.plots import reliability_diagram
 
     rng = np.random.default_rng(0)
     probs = np.asarray(jax.nn.softmax(jnp.asarray(rng.normal(size=(200, 3)) * 2)))

@@ -31,12 +31,12 @@ def _worker(out_dir: str) -> None:
     import jax
     from flax import nnx
 
-    from bayes_transfer.checkpoints import read_weights, write_model_dir
+    from bayes_transfer.training.checkpoints import read_weights, write_model_dir
     from bayes_transfer.data import ArrayDataset
-    from bayes_transfer.objectives import map_loss
+    from bayes_transfer.training.objectives import map_loss
     from bayes_transfer.params import ParamSpec, flatten_with_paths
     from bayes_transfer.prior import Prior, shard_prior
-    from bayes_transfer.train import TrainConfig, data_mesh, fit, host_copy, split_model
+    from bayes_transfer.training import TrainConfig, data_mesh, fit, host_copy, split_model
 
     class Backbone(nnx.Module):
         def __init__(self, rngs):

@@ -44,7 +44,7 @@ def _pipeline(out: Path, ckpt: Path) -> None:
     from bayes_transfer.learn import LearnPriorConfig, learn_prior
     from bayes_transfer.params import flatten_with_paths
     from bayes_transfer.swag import SwagConfig
-    from bayes_transfer.train import TrainConfig
+    from bayes_transfer.training import TrainConfig
 
     out.mkdir(parents=True, exist_ok=True)
     _log_restores(out / "restores.log")
@@ -87,16 +87,16 @@ def _pipeline(out: Path, ckpt: Path) -> None:
 def _log_restores(log: Path) -> None:
     """A spy: append "directory step" to ``log`` for every checkpoint the loop resumes
     from, so the test can tell a resumed run from one that silently started over."""
-    from bayes_transfer import train
+    from bayes_transfer.training import loop
 
-    restore = train._restore
+    restore = loop._restore
 
     def logged(manager, *args, **kwargs):
         with open(log, "a") as f:
             f.write(f"{manager.directory} {manager.latest_step()}\n")
         return restore(manager, *args, **kwargs)
 
-    train._restore = logged
+    loop._restore = logged
 
 
 # ---------------------------------------------------------------------- the test

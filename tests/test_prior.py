@@ -494,14 +494,14 @@ def test_log_prob_is_differentiable_in_scale_and_floor(spec):
 
 def test_capacitance_in_blocks_of_columns(spec, monkeypatch):
     """The one-pass capacitance gives the same factor whatever the column block size."""
-    import bayes_transfer.prior as prior_module
+    import bayes_transfer.prior.woodbury as prior_module
 
     mean, var, dev = swag_arrays(5, 5)
     inv = 1.0 / (0.5 * var + 0.1)
     ref = np.linalg.cholesky(np.eye(5) + 0.25 * (dev * inv) @ dev.T)
     for block in (4, 13, 64):      # 3 full blocks + a tail; exactly one block; d < block
         monkeypatch.setattr(prior_module, "_GRAM_BLOCK", block)
-        fn = jax.jit(prior_module._capacitance_cholesky.__wrapped__)
+        fn = jax.jit(prior_module.capacitance_cholesky.__wrapped__)
         got = fn(jnp.asarray(dev), jnp.asarray(var), jnp.float64(1.0), jnp.float64(0.1),
                  jnp.float64(0.25))
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-12)
@@ -527,7 +527,7 @@ def _quad_by_autodiff(theta, mean, var, dev, scale, floor, chol):
 def test_woodbury_jvp_rule_in_every_argument(spec, monkeypatch, fused):
     """The custom JVP of the Woodbury term against autodiff, in each argument and all at
     once, forward and reverse, and its Hessian in θ against the dense precision."""
-    import bayes_transfer.prior as prior_module
+    import bayes_transfer.prior.woodbury as prior_module
 
     if fused:      # the multi-reduce that large d uses
         monkeypatch.setattr(prior_module, "_MATVEC_MAX_DIM", 0)
@@ -535,7 +535,7 @@ def test_woodbury_jvp_rule_in_every_argument(spec, monkeypatch, fused):
     prior = Prior.lowrank(spec, mean, var, dev, scale=3.0, floor=0.05)
     x = jnp.asarray(ref_ravel(make_params(2)))
     args = (x, prior.mean, prior.var, prior.deviations, prior.scale, prior.floor, prior.chol)
-    quad = prior_module._woodbury_quad
+    quad = prior_module.woodbury_quad
     np.testing.assert_allclose(float(quad(*args)), float(_quad_by_autodiff(*args)), rtol=1e-12)
     for i in range(len(args)):
         got = jax.grad(quad, argnums=i)(*args)
@@ -566,7 +566,7 @@ def test_lowrank_log_prob_and_grad_float32_and_bfloat16_storage(monkeypatch, fus
     """log p and ∇θ in float32, stored in float32 or bfloat16, against a dense float64
     reference of the stored arrays: both forward paths, and bfloat16 factors with up to 24
     rows (two widened views) and beyond (rows from a plain upcast)."""
-    import bayes_transfer.prior as prior_module
+    import bayes_transfer.prior.woodbury as prior_module
 
     if fused:
         monkeypatch.setattr(prior_module, "_MATVEC_MAX_DIM", 0)
@@ -600,7 +600,7 @@ def test_value_and_grad_temporaries_at_large_d():
     gradients; see docs/benchmarks.md), float32 and bfloat16 storage."""
     from jax import ShapeDtypeStruct as S
 
-    import bayes_transfer.prior as prior_module
+    import bayes_transfer.prior.woodbury as prior_module
 
     if jax.default_backend() != "cpu":
         pytest.skip("the memory analysis is for XLA:CPU")
@@ -625,22 +625,23 @@ def test_value_and_grad_temporaries_at_large_d():
 def test_capacitance_of_a_bfloat16_factor_on_the_host(monkeypatch):
     """A bfloat16 factor's capacitance is built in NumPy, a block of columns at a time
     (XLA:CPU would upcast the whole factor): the same factor as the XLA path."""
-    import bayes_transfer.prior as prior_module
+    import bayes_transfer.prior.woodbury as prior_module
 
     with jax.enable_x64(False):
         d = 3000
         spec32 = ParamSpec(paths=("backbone/w",), shapes=((d,),), dtypes=("float32",))
         mean, var, dev = (a.astype(np.float32) for a in swag_arrays(6, 6, d))
         calls = []
-        host = prior_module._capacitance_cholesky_host
-        monkeypatch.setattr(prior_module, "_capacitance_cholesky_host",
+        host = prior_module.capacitance_cholesky_host
+        # Prior.rescale calls it by the name prior.prior imported
+        monkeypatch.setattr("bayes_transfer.prior.prior.capacitance_cholesky_host",
                             lambda *a: calls.append(1) or host(*a))
         p16 = Prior.lowrank(spec32, mean, var, dev, scale=2.0, floor=0.01).astype(jnp.bfloat16)
         assert calls                      # built on the host (and not for float32 storage)
         n = len(calls)
         Prior.lowrank(spec32, mean, var, dev, scale=2.0, floor=0.01)
         assert len(calls) == n
-        xla = prior_module._capacitance_cholesky(p16.deviations, p16.var, jnp.float32(2.0),
+        xla = prior_module.capacitance_cholesky(p16.deviations, p16.var, jnp.float32(2.0),
                                                  jnp.float32(0.01), jnp.float32(2.0 / 10))
         np.testing.assert_allclose(np.asarray(p16.chol), np.asarray(xla), rtol=1e-5, atol=1e-6)
         # under jit (λ traced) the XLA path is used: same log p

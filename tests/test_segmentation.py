@@ -18,7 +18,7 @@ from bayes_transfer.models.segmentation import (SegmentationModel, create_segmen
                                                 segmentation_model_from_prior)
 from bayes_transfer.params import ParamSpec, flatten_with_paths, map_with_paths
 from bayes_transfer.prior import Prior
-from bayes_transfer.train import split_model
+from bayes_transfer.training import split_model
 
 ARCH = {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "width": 0.25}
 
@@ -275,16 +275,17 @@ def test_finetuning_on_tiny_scenes_lowers_the_loss(classification_prior, tmp_pat
 def test_cli_options_merge_into_an_existing_finetune_parser():
     import argparse
 
-    from bayes_transfer.cli_segmentation import add_segmentation_args, build_parser
+    from bayes_transfer.cli import build_parser
+    from bayes_transfer.cli.segmentation import add_finetune_args
 
     p = argparse.ArgumentParser()
     p.add_argument("--prior", required=True)
     p.add_argument("--dataset", default="mnist_5k")
     p.add_argument("--method", nargs="+", default=["lowrank"])
-    add_segmentation_args(p)               # no clash with the options p already has
+    add_finetune_args(p)                   # no clash with the options p already has
     args = p.parse_args(["--prior", "x", "--task", "segmentation", "--dataset", "isbi",
                          "--num-train", "2", "--steps", "10", "--method", "l2sp", "lowrank"])
     assert (args.task, args.dataset, args.num_train, args.steps, args.crop) == (
         "segmentation", "isbi", 2, 10, 128)
-    args = build_parser().parse_args(["evaluate", "--model", "m"])
+    args = build_parser().parse_args(["evaluate", "--task", "segmentation", "--model", "m"])
     assert args.seed is None and args.split == "test"

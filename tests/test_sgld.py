@@ -17,12 +17,12 @@ from numpyro.diagnostics import effective_sample_size
 
 from bayes_transfer.data import ArrayDataset
 from bayes_transfer.inference.sgld import (SGLDConfig, SGLDState, cyclical_sgld,
-                                           cyclical_sgld_schedule, prior_preconditioner,
-                                           run_sgld, sgld, sgld_collection_steps)
-from bayes_transfer.objectives import map_loss
+                                           cyclical_sgld_schedule, run_sgld, sgld,
+                                           sgld_collection_steps)
+from bayes_transfer.training.objectives import map_loss
 from bayes_transfer.params import ParamSpec
-from bayes_transfer.prior import Prior
-from bayes_transfer.train import TrainConfig, fit, split_model
+from bayes_transfer.prior import Prior, prior_preconditioner
+from bayes_transfer.training import TrainConfig, fit, split_model
 
 K_SIGMA = 4.0
 

@@ -20,10 +20,10 @@ def _check_on_eight_devices() -> dict:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from bayes_transfer import data, models
-    from bayes_transfer.objectives import map_loss
+    from bayes_transfer.training.objectives import map_loss
     from bayes_transfer.params import ParamSpec
     from bayes_transfer.prior import Prior, shard_prior
-    from bayes_transfer.train import make_apply, split_model
+    from bayes_transfer.training import make_apply, split_model
 
     assert len(jax.devices()) == 8
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -67,7 +67,7 @@ def _check_on_eight_devices() -> dict:
     # bfloat16 storage through the fused multiply-reduce that large d uses (the
     # hand-written gradient; the unsharded capacitance is built on the host, the sharded
     # one's, after rescaling, by XLA).
-    from bayes_transfer import prior as prior_module
+    from bayes_transfer.prior import woodbury as prior_module
     prior_module._MATVEC_MAX_DIM, saved_max = 0, prior_module._MATVEC_MAX_DIM
     p16 = prior.astype(jnp.bfloat16)
     s16 = shard_prior(p16, mesh, min_dim=0)

@@ -15,7 +15,7 @@ from bayes_transfer.ssl import (DEFAULT_L2_GRID, SimCLRModel, nt_xent, probe_fea
                                 random_resized_crop, random_view, simclr_loss)
 from bayes_transfer.ssl.augment import _crop_box
 from bayes_transfer.swag import SwagConfig
-from bayes_transfer.train import TrainConfig, fit, make_apply, split_model
+from bayes_transfer.training import TrainConfig, fit, make_apply, split_model
 
 
 def nt_xent_loop(z1, z2, tau):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from bayes_transfer import data, models
-from bayes_transfer.objectives import cross_entropy_loss
-from bayes_transfer.train import TrainConfig, fit, predict
+from bayes_transfer.training.objectives import cross_entropy_loss
+from bayes_transfer.training import TrainConfig, fit, predict
 
 SCRIPT = str(Path(__file__).with_name("train_script.py"))
 

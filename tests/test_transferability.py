@@ -13,14 +13,15 @@ from scipy import optimize, stats
 
 import bayes_transfer as bt
 from bayes_transfer import data, models
-from bayes_transfer.inference.map import (FinetuneConfig, _reinit_top, backbone_blocks, finetune,
-                                          restrict_prior, top_block_paths, with_l2)
-from bayes_transfer.objectives import map_loss
+from bayes_transfer.inference.map import FinetuneConfig, _reinit_top, finetune, with_l2
+from bayes_transfer.params import backbone_blocks, top_block_paths
+from bayes_transfer.prior import restrict_prior
+from bayes_transfer.training.objectives import map_loss
 from bayes_transfer.params import ParamSpec, flatten_with_paths
 from bayes_transfer.prior import Prior
-from bayes_transfer.suggest import Suggestion, suggest
-from bayes_transfer.train import TrainConfig, fit, make_apply, split_model
-from bayes_transfer.transferability import knn_accuracy, logme, logme_per_class, transferability
+from bayes_transfer.analysis.suggest import Suggestion, suggest
+from bayes_transfer.training import TrainConfig, fit, make_apply, split_model
+from bayes_transfer.analysis.transferability import knn_accuracy, logme, logme_per_class, transferability
 
 
 # ---------------------------------------------------------------------------- LogME
@@ -144,7 +145,7 @@ def test_suggest_gain_rule_against_hand_computed_values():
     value (ties to the weaker prior), strongest once g ≥ full_gain, the weakest grid
     value with re-initialisation when g ≤ 0; q does not enter (the same gain at 1 and at
     100 examples per class gives the same prior)."""
-    from bayes_transfer.suggest import rule
+    from bayes_transfer.analysis.suggest import rule
 
     grid = (1e-2, 1e-1, 1.0, 10.0, 100.0)
     for gain, v, r in [(0.3, 1.0, 0), (0.1, 1.0, 0), (0.075, 10.0, 0), (0.05, 100.0, 0),
@@ -280,7 +281,7 @@ def test_layer_lr_zero_freezes_the_transferred_blocks(splits, prior):
 
 def test_layer_lr_scales_the_backbone_step(splits, prior):
     """One Adam step: the backbone moves layer_lr times as far, the head as far."""
-    from bayes_transfer.inference.map import _layer_lr_optimizer
+    from bayes_transfer.inference.map import layer_lr_optimizer
 
     model = models.create("small_cnn", 10, seed=0, width=0.25)
     _, fresh, _ = split_model(model)
@@ -290,7 +291,7 @@ def test_layer_lr_scales_the_backbone_step(splits, prior):
     moves = {}
     for factor in (1.0, 0.25):
         cfg = FinetuneConfig(train=one_step, layer_lr=factor)
-        tx = _layer_lr_optimizer(cfg, len(splits.train), prior.spec.paths, fresh)
+        tx = layer_lr_optimizer(cfg, len(splits.train), prior.spec.paths, fresh)
         res = fit(model, splits.train, loss, one_step, aux=prior, params=prior.init_params(fresh),
                   optimizer=tx)
         assert int(res.state.step) == 1
@@ -304,7 +305,7 @@ def test_layer_lr_scales_the_backbone_step(splits, prior):
 def test_layer_lr_decay_gives_each_block_its_own_step(splits, prior):
     """One Adam step with layer_lr=0.5, decay 0.25: the j-th block below the top moves
     0.5·0.25ʲ times as far as with no multipliers, the head as far."""
-    from bayes_transfer.inference.map import _layer_lr_optimizer
+    from bayes_transfer.inference.map import layer_lr_optimizer
 
     model = models.create("small_cnn", 10, seed=0, width=0.25)
     _, fresh, _ = split_model(model)
@@ -317,7 +318,7 @@ def test_layer_lr_decay_gives_each_block_its_own_step(splits, prior):
     moves = {}
     for lr, decay in ((1.0, 1.0), (0.5, 0.25)):
         cfg = FinetuneConfig(train=one_step, layer_lr=lr, layer_lr_decay=decay)
-        tx = _layer_lr_optimizer(cfg, len(splits.train), prior.spec.paths, fresh)
+        tx = layer_lr_optimizer(cfg, len(splits.train), prior.spec.paths, fresh)
         assert (tx is None) == (lr == 1.0 and decay == 1.0)
         res = fit(model, splits.train, loss, one_step, aux=prior, params=prior.init_params(fresh),
                   optimizer=tx)
@@ -329,7 +330,8 @@ def test_layer_lr_decay_gives_each_block_its_own_step(splits, prior):
 
 
 def test_layer_lr_decay_counts_only_transferred_blocks(prior):
-    from bayes_transfer.inference.map import _layer_lr_optimizer, layer_lr_factors
+    from bayes_transfer.inference.map import layer_lr_optimizer
+    from bayes_transfer.training.optim import layer_lr_factors
 
     _, fresh, _ = split_model(models.create("small_cnn", 10, seed=0, width=0.25))
     top = set(top_block_paths(fresh, 1))
@@ -341,7 +343,7 @@ def test_layer_lr_decay_counts_only_transferred_blocks(prior):
     assert second and all(factors[p] == 0.1 for p in second)  # the top transferred block
     assert sorted(set(factors.values()), reverse=True)[:2] == [0.1, 0.05]
     with pytest.raises(bt.BayesTransferError, match="layer_lr_decay"):
-        _layer_lr_optimizer(FinetuneConfig(layer_lr_decay=-1.0), 10, kept, fresh)
+        layer_lr_optimizer(FinetuneConfig(layer_lr_decay=-1.0), 10, kept, fresh)
 
 
 def test_l2_adds_half_l2_times_the_squared_norm(splits, prior):

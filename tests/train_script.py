@@ -10,10 +10,10 @@ import jax
 import numpy as np
 
 from bayes_transfer import data, models
-from bayes_transfer.objectives import cross_entropy_loss
+from bayes_transfer.training.objectives import cross_entropy_loss
 from bayes_transfer.params import ParamSpec, flatten_with_paths
 from bayes_transfer.swag import SwagConfig, swag_collector
-from bayes_transfer.train import TrainConfig, fit
+from bayes_transfer.training import TrainConfig, fit
 
 
 def main(argv):

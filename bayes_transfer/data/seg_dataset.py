@@ -31,10 +31,6 @@ from bayes_transfer.data.normalization import NORMALIZATION_STATS, normalize
 ISBI_NAME = "isbi2012_membrane"
 ISBI_ENV = "BAYES_TRANSFER_ISBI2012"
 ISBI_CLASS_NAMES = ("membrane", "cell")
-_DEFAULT_ISBI_PATHS = (
-    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "isbi2012-membrane",
-    Path("/work/shared/data/isbi2012-membrane"),
-)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -193,18 +189,17 @@ def random_crops(images: np.ndarray, masks: np.ndarray, size, per_image: int,
 # -------------------------------------------------------------------------------- ISBI
 
 def isbi_path(path: str | Path | None = None) -> Path:
-    """Where the ISBI-2012 folder is: ``path``, ``$BAYES_TRANSFER_ISBI2012``, or the
-    project's ``../shared/data/isbi2012-membrane``. Raises `DatasetNotFoundError`."""
+    """Where the ISBI-2012 folder is: ``path``, else ``$BAYES_TRANSFER_ISBI2012``.
+    Raises `DatasetNotFoundError`."""
     candidates = ([Path(path)] if path is not None else
-                  ([Path(os.environ[ISBI_ENV])] if os.environ.get(ISBI_ENV) else [])
-                  + list(_DEFAULT_ISBI_PATHS))
+                  [Path(os.environ[ISBI_ENV])] if os.environ.get(ISBI_ENV) else [])
     for c in candidates:
         c = c.expanduser()
         if (c / "image").is_dir() and (c / "label").is_dir():
             return c
     raise DatasetNotFoundError(
         "ISBI-2012 membrane data not found; looked in: "
-        + ", ".join(str(c) for c in candidates)
+        + (", ".join(str(c) for c in candidates) or f"nothing (no path= and no ${ISBI_ENV})")
         + f". It is a folder with image/0.png..29.png and label/0.png..29.png (512×512, "
           f"labels 0 = membrane, 255 = cell). Pass path=, or set ${ISBI_ENV} to it.")
 

@@ -23,7 +23,7 @@ def load_segmentation_folder(path: str | Path, *, label_values: Mapping[int, int
     folder whose files change gets a new hash, so it is prepared again).
 
     >>> images, masks = load_segmentation_folder(
-    ...     "../shared/data/isbi2012-membrane")  # doctest: +SKIP
+    ...     "data/isbi2012-membrane")  # doctest: +SKIP
     >>> images.shape, masks.shape  # doctest: +SKIP
     ((30, 512, 512, 1), (30, 512, 512))
     """

@@ -14,24 +14,21 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import warnings
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from bayes_transfer import data as btdata
-from bayes_transfer import metrics as btmetrics
 from bayes_transfer.errors import BayesTransferError
-from bayes_transfer.objectives import map_loss
-from bayes_transfer.params import BACKBONE_RULE, ParamSpec, flatten_with_paths, map_with_paths
-from bayes_transfer.prior import METHODS, Prior
-from bayes_transfer.train import (TrainConfig, TrainResult, fit, make_optimizer, predict,
-                                  split_model)
+from bayes_transfer.evaluation import metrics as btmetrics
+from bayes_transfer.params import flatten_with_paths, map_with_paths, top_block_paths
+from bayes_transfer.prior import METHODS, Prior, restrict_prior
+from bayes_transfer.training import TrainConfig, TrainResult, fit, map_loss, predict, split_model
+from bayes_transfer.training.optim import layer_lr_factors, make_optimizer, with_lr_factors
 
 #: Effective prior variances tried for every method (besides the no-prior limit).
 #: With d ≈ 1e5 covered weights and N ≈ 100 examples the prior term dominates the
@@ -159,7 +156,7 @@ def finetune(
     num_train = len(splits.train)
     loss = map_loss(num_train, head_decay=config.head_decay) if loss_fn is None else loss_fn
     loss = with_l2(loss, config.l2)
-    optimizer = _layer_lr_optimizer(config, num_train, method_prior.spec.paths, params)
+    optimizer = layer_lr_optimizer(config, num_train, method_prior.spec.paths, params)
     evaluate = evaluate_classification if evaluate is None else evaluate
     sign = -1.0 if config.select_by in HIGHER_IS_BETTER else 1.0
     if scale == "auto":
@@ -206,89 +203,6 @@ def _floats(d: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- non-binary transfer
-def backbone_blocks(params, rule: str = BACKBONE_RULE) -> list[tuple[str, tuple[str, ...]]]:
-    """The backbone's blocks, from the input to the output: ``[(name, leaf paths), ...]``.
-
-    A block is the path prefix up to the first run of integer components after
-    ``backbone/``: ``stages/2/0`` for small_cnn (``backbone/stages/<stage>/<block>/...``),
-    ``layer3/2`` for the ResNets (``backbone/layer<i>/<block>/...``; a block's downsample
-    belongs to it). Leaves with no integer component (the ResNet stem ``conv1``/``bn1``)
-    form one first block, ``stem``. Blocks are ordered by their names with numbers
-    compared as numbers.
-    """
-    pattern = re.compile(rule)
-    groups: dict[str, list[str]] = {}
-    for path in flatten_with_paths(params):
-        if not pattern.search(path):
-            continue
-        parts = path.split("/")[1:]
-        first = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-        if first is None:
-            name = "stem"
-        else:
-            last = first
-            while last + 1 < len(parts) - 1 and parts[last + 1].isdigit():
-                last += 1
-            name = "/".join(parts[:last + 1])
-        groups.setdefault(name, []).append(path)
-
-    def order(name):
-        if name == "stem":
-            return (0,)
-        return (1,) + tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
-                            for t in re.split(r"(\d+)", name))
-
-    return [(name, tuple(groups[name])) for name in sorted(groups, key=order)]
-
-
-def top_block_paths(params, k: int, rule: str = BACKBONE_RULE) -> tuple[str, ...]:
-    """Leaf paths of the top (output-side) ``k`` blocks of :func:`backbone_blocks`."""
-    if k <= 0:
-        return ()
-    blocks = backbone_blocks(params, rule)
-    if k > len(blocks):
-        raise BayesTransferError(f"reinit_top={k}, but the backbone has {len(blocks)} blocks: "
-                                 f"{', '.join(name for name, _ in blocks)}")
-    return tuple(p for _, paths in blocks[-k:] for p in paths)
-
-
-def restrict_prior(prior: Prior, drop: tuple[str, ...]) -> Prior:
-    """The marginal of ``prior`` on its covered leaves other than ``drop``.
-
-    A Gaussian's marginal keeps the mean, the variances and the deviation columns of
-    the kept coordinates, so every kind stays the same kind; λ, ε and the metadata are
-    kept. The spec's rule excludes the dropped leaves (``spec.check`` still passes).
-    """
-    drop = tuple(p for p in prior.spec.paths if p in set(drop))
-    if not drop:
-        return prior
-    spec = prior.spec
-    keep = [i for i, p in enumerate(spec.paths) if p not in set(drop)]
-    if not keep:
-        raise BayesTransferError("the re-initialised blocks are every parameter the prior "
-                                 "covers; use method='standard' and a fresh model instead")
-    o = spec.offsets
-    index = np.concatenate([np.arange(o[i], o[i + 1]) for i in keep])
-    alt = "|".join(re.escape(p) for p in drop)
-    new_spec = ParamSpec(paths=tuple(spec.paths[i] for i in keep),
-                         shapes=tuple(spec.shapes[i] for i in keep),
-                         dtypes=tuple(spec.dtypes[i] for i in keep),
-                         rule=f"^(?!(?:{alt})$)(?=.*?(?:{spec.rule}))")
-    sub = lambda x: x if x is None or x.ndim == 0 else x[..., index]  # noqa: E731
-    if prior.kind == "flat":
-        new = Prior.flat(new_spec, sub(prior.mean))
-    elif prior.kind == "isotropic":
-        new = Prior.isotropic(new_spec, sub(prior.mean), prior.var, scale=prior.scale,
-                              floor=prior.floor)
-    elif prior.kind == "diag":
-        new = Prior.diagonal(new_spec, sub(prior.mean), sub(prior.var), scale=prior.scale,
-                             floor=prior.floor)
-    else:
-        new = Prior.lowrank(new_spec, sub(prior.mean), sub(prior.var), sub(prior.deviations),
-                            scale=prior.scale, floor=prior.floor)
-    return dataclasses.replace(new, info=prior.info)
-
-
 def _reinit_top(model, params, prior: Prior, k: int):
     """(params with the top k blocks back at ``model``'s values, the prior without them)."""
     if not k:
@@ -323,44 +237,7 @@ def with_l2(loss_fn: Callable, l2: float) -> Callable:
     return loss
 
 
-def scale_updates_of(factors) -> optax.GradientTransformation:
-    """Multiply each leaf's updates by ``factors[path]`` (leaves not in it unchanged).
-
-    Chained after an optimizer it multiplies those leaves' learning rate: exactly for
-    SGD (momentum included) and Adam, whose updates are linear in the learning rate.
-    """
-    factors = dict(factors)
-
-    def update(updates, state, params=None):
-        return map_with_paths(lambda p, u: u * factors[p] if p in factors else u,
-                              updates), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-@functools.lru_cache(maxsize=32)
-def _scaled_optimizer(tx, factors: tuple[tuple[str, float], ...]):
-    # cached: the same (optimizer, factors) reuses the compiled step across a λ sweep
-    return optax.chain(tx, scale_updates_of(factors))
-
-
-def layer_lr_factors(paths, params, layer_lr: float, decay: float = 1.0,
-                     rule: str = BACKBONE_RULE) -> dict[str, float]:
-    """{path: learning-rate multiplier} of the transferred leaves ``paths``: ``layer_lr``
-    for the top transferred block, ×``decay`` for each transferred block below it."""
-    paths = set(paths)
-    factors, depth = {}, 0
-    for _, block in reversed(backbone_blocks(params, rule)):
-        covered = [p for p in block if p in paths]
-        if covered:
-            factors.update({p: layer_lr * decay ** depth for p in covered})
-            depth += 1
-    # covered leaves outside the backbone's blocks (none for the built-in models)
-    factors.update({p: layer_lr for p in paths - set(factors)})
-    return factors
-
-
-def _layer_lr_optimizer(config: FinetuneConfig, num_train: int, paths, params):
+def layer_lr_optimizer(config: FinetuneConfig, num_train: int, paths, params):
     """None (fit's own optimizer) unless ``layer_lr`` or ``layer_lr_decay`` is not 1."""
     if config.layer_lr == 1.0 and config.layer_lr_decay == 1.0:
         return None
@@ -370,7 +247,7 @@ def _layer_lr_optimizer(config: FinetuneConfig, num_train: int, paths, params):
             raise BayesTransferError(f"{name} must be a finite number >= 0, got {value}")
     train = config.train
     # the same number of steps as fit computes, so the schedule is the same
-    total = max(1, math.ceil(train.epochs * btdata.num_batches(num_train, train.batch_size)))
+    total = train.total_steps(btdata.num_batches(num_train, train.batch_size))
     factors = layer_lr_factors(paths, params, float(config.layer_lr),
                                float(config.layer_lr_decay))
-    return _scaled_optimizer(make_optimizer(train, total), tuple(sorted(factors.items())))
+    return with_lr_factors(make_optimizer(train, total), tuple(sorted(factors.items())))

@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from bayes_transfer.errors import BayesTransferError
+from bayes_transfer.training import predict
 
 __all__ = ["last_layer_features", "last_layer_model", "last_layer_nuts", "last_layer_predict"]
 
 
 def last_layer_features(result_or_model, dataset, *, batch_size: int = 500) -> np.ndarray:
     """(N, F) backbone features (``model.features``) of a trained model over a dataset."""
-    from bayes_transfer.train import predict
 
     return predict(result_or_model, dataset, batch_size=batch_size, method="features")
 

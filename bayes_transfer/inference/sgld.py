@@ -74,16 +74,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bayes_transfer import data as btdata
 from bayes_transfer.errors import BayesTransferError
-from bayes_transfer.inference.bma import PosteriorSamples, refresh_batch_stats
-from bayes_transfer.objectives import map_loss
-from bayes_transfer.params import map_with_paths
-from bayes_transfer.train import TrainConfig, fit, split_model
+from bayes_transfer.inference.samples import PosteriorSamples
+from bayes_transfer.prior import prior_preconditioner
+from bayes_transfer.training import TrainConfig, fit, map_loss, refresh_batch_stats, split_model
 
 __all__ = [
     "SGLDState", "sgld", "CyclicalSchedule", "cyclical_sgld_schedule", "cyclical_sgld",
-    "prior_preconditioner", "SGLDConfig", "run_sgld", "sgld_collection_steps",
+    "SGLDConfig", "run_sgld", "sgld_collection_steps",
 ]
 
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
@@ -272,32 +270,6 @@ def cyclical_sgld(base_lr: float, cycle_steps: int, *, num_train: int,
                 noise_schedule=noise, preconditioner=preconditioner)
 
 
-def prior_preconditioner(prior, params, *, min_ratio: float = 0.0):
-    """A constant diagonal preconditioner M for :func:`sgld` from a prior's variances.
-
-    On the prior's covered parameters M = δ / max(δ), with δ = λ·diag(Σ₀) + ε the
-    prior's diagonal (the part of its covariance the low-rank factor only adds to);
-    elsewhere (the head) M = 1. Then every covered coordinate feels the prior's
-    restoring force at the same rate 1/(N·max δ) per unit of η, so a step size that is
-    stable for the likelihood and the loosest prior direction is stable for all.
-    ``min_ratio`` floors M (0: none). Returns None for a flat or missing prior, or an
-    isotropic one (M would be all ones).
-    """
-    if prior is None or prior.kind in ("flat", "isotropic"):
-        return None
-    return _preconditioner(prior, params, float(min_ratio))
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _preconditioner(prior, params, min_ratio):
-    delta = jnp.broadcast_to(prior.diag_part(jnp.float32), (prior.dim,))
-    m = jnp.maximum(delta / jnp.max(delta), min_ratio)
-    covered = prior.spec.unravel(m)
-    return map_with_paths(
-        lambda p, x: covered[p].astype(jnp.float32) if p in covered
-        else jnp.ones(jnp.shape(x), jnp.float32), params)
-
-
 @jax.jit
 def _diag_range(prior):
     delta = prior.diag_part(jnp.float32)
@@ -413,13 +385,11 @@ def run_sgld(model, splits, prior=None, config: SGLDConfig = SGLDConfig(), *,
     steps = sgld_collection_steps(config, num_samples)
     samples = PosteriorSamples(sample_dir, max_in_memory=max_in_memory)
     samples.info = {"method": "sgld", **dataclasses.asdict(config), "num_train": n}
-    spe = btdata.num_batches(train, config.batch_size)
     done = 0
     for i, step in enumerate(steps):
         length = step + 1 - done
-        # ceil(epochs·spe) = length exactly (fit rounds fractional epochs up).
         train_config = TrainConfig(
-            epochs=(length - 0.5) / spe, batch_size=config.batch_size,
+            steps=length, batch_size=config.batch_size,
             augment=config.augment, seed=int(config.seed) * 100_003 + i,
             progress=config.progress, desc=f"sgld {i + 1}/{len(steps)}")
         result = fit(model, train, loss_fn, train_config, aux=prior, optimizer=tx,

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -28,12 +26,13 @@ import optax
 
 from bayes_transfer import data as btdata
 from bayes_transfer.errors import BayesTransferError
-from bayes_transfer.inference.bma import PosteriorSamples, refresh_batch_stats
-from bayes_transfer.inference.sgld import prior_preconditioner
-from bayes_transfer.objectives import map_loss
+from bayes_transfer.inference.samples import PosteriorSamples
 from bayes_transfer.params import ParamSpec
+from bayes_transfer.prior import prior_preconditioner
 from bayes_transfer.swag import SwagConfig, swag_collector, swag_prior
-from bayes_transfer.train import TrainConfig, TrainResult, fit, split_model
+from bayes_transfer.training import (TrainConfig, TrainResult, fit, map_loss,
+                                     refresh_batch_stats, split_model)
+from bayes_transfer.training.optim import scale_by_tree
 
 __all__ = ["ALL_PARAMS_RULE", "SwagDownstreamConfig", "collect_swag", "sample_swag",
            "swag_posterior"]
@@ -79,28 +78,11 @@ class SwagDownstreamConfig:
     progress: bool = True
 
 
-class _ScaleState(NamedTuple):
-    scale: object
-
-
-def _scale_by_tree(tree) -> optax.GradientTransformation:
-    """Multiply updates by a constant pytree kept in the state (not baked into the jit)."""
-    def init(params):
-        del params
-        return _ScaleState(tree)
-
-    def update(updates, state, params=None):
-        del params
-        return jax.tree.map(lambda u, m: (u * m).astype(u.dtype), updates, state.scale), state
-
-    return optax.GradientTransformation(init, update)
-
-
 def _optimizer(config: SwagDownstreamConfig, prior, params) -> optax.GradientTransformation:
     if config.optimizer == "sgd":
         tx = optax.sgd(config.learning_rate, momentum=config.momentum or None)
         precond = prior_preconditioner(prior, params) if config.precondition else None
-        return tx if precond is None else optax.chain(_scale_by_tree(precond), tx)
+        return tx if precond is None else optax.chain(scale_by_tree(precond), tx)
     if config.optimizer == "adam":
         return optax.adam(config.learning_rate)
     raise BayesTransferError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'adam'")
@@ -122,17 +104,17 @@ def collect_swag(model, splits, prior=None, config: SwagDownstreamConfig = SwagD
     params = start if params is None else params
     spe = btdata.num_batches(train, config.batch_size)
     every = int(config.every) or spe
+    train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size,
+                               augment=config.augment, seed=config.seed,
+                               progress=config.progress, desc="swag (downstream)")
+    total = train_config.total_steps(spe)
     swag_config = SwagConfig(rank=int(config.rank), every=every, rule=config.rule)
     spec = swag_config.spec(params)
-    total = max(1, math.ceil(config.epochs * spe))   # as fit counts steps
     if total // every < 2:
         raise BayesTransferError(
             f"downstream SWAG would take {total // every} snapshot(s) in {total} steps "
             f"(one every {every}); raise epochs or lower every: SWAG needs at least 2")
     loss_fn = loss_fn or map_loss(n, head_decay=config.head_decay)
-    train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size,
-                               augment=config.augment, seed=config.seed,
-                               progress=config.progress, desc="swag (downstream)")
     result = fit(model, train, loss_fn, train_config, aux=prior,
                  optimizer=_optimizer(config, prior, params),
                  swag=swag_collector(spec, swag_config), params=params)

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from bayes_transfer.errors import BayesTransferError
+from bayes_transfer.training import predict
 
 __all__ = ["DEFAULT_L2_GRID", "LinearProbeResult", "extract_features", "fit_logistic_regression",
            "linear_probe", "probe_features"]
@@ -68,7 +69,6 @@ def extract_features(model_or_result, dataset, *, batch_size: int = 500) -> np.n
     Works for a ``TrainResult`` or any model with a ``features`` method (a classifier or
     a :class:`~bayes_transfer.ssl.SimCLRModel`).
     """
-    from bayes_transfer.train import predict
     return predict(model_or_result, dataset, batch_size=batch_size, method="features")
 
 

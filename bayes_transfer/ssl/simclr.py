@@ -12,7 +12,7 @@ Example::
 
     from bayes_transfer import data, models
     from bayes_transfer.ssl import SimCLRModel, simclr_loss, linear_probe
-    from bayes_transfer.train import TrainConfig, fit
+    from bayes_transfer.training import TrainConfig, fit
 
     splits = data.load("fashion_mnist")
     model = SimCLRModel(models.create("small_cnn", 10), projection_dim=64)
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bayes_transfer.errors import BayesTransferError
+from bayes_transfer.models import model_config
 from bayes_transfer.ssl.augment import ViewConfig, random_view
 
 __all__ = ["ProjectionHead", "SimCLRLoss", "SimCLRModel", "as_simclr_model", "nt_xent",
@@ -112,7 +113,6 @@ class SimCLRModel(nnx.Module):
         # a JSON string: module attributes that go into the graphdef must be hashable
         self._architecture = None
         if hasattr(model, "arch"):
-            from bayes_transfer.models import model_config
             self._architecture = json.dumps(model_config(model), sort_keys=True)
 
     @property

@@ -7,8 +7,9 @@
 * ``loop``: every missing cell, then the report;
 * ``cli``: the command line.
 
-Importing this package also makes the repository importable and its prior registry the
-default, for every experiment script (they import it first).
+Importing this package also makes the repository importable, its prior registry the
+default and the ISBI-2012 data beside it findable, for every experiment script (they
+import it first).
 """
 import os
 import sys
@@ -19,6 +20,10 @@ sys.path.insert(0, str(ROOT))
 # The experiments' priors (all but the demo prior) are registered in the repository, not
 # in the package's built-in registry.
 os.environ.setdefault("BAYES_TRANSFER_REGISTRY", str(ROOT / "priors" / "registry.json"))
+# Real data that cannot be installed from a registry lies beside the project, if at all.
+_ISBI = ROOT.parent / "shared" / "data" / "isbi2012-membrane"
+if _ISBI.is_dir():
+    os.environ.setdefault("BAYES_TRANSFER_ISBI2012", str(_ISBI))
 
 # The front door (``runner.run``, ``runner.main``, ...); the modules hold the rest.
 from .cells import cell_key, grid  # noqa: E402

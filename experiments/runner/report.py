@@ -152,7 +152,7 @@ def figures(summary: dict, config: dict, out: Path) -> None:
         fewshot_figure(summary, config, out / "fewshot.png")
     curves = load_probs(out)
     if curves:
-        from bayes_transfer.plots import reliability_diagram
+        from bayes_transfer.evaluation.plots import reliability_diagram
         reliability_diagram(curves, out / "reliability.png")
 
 

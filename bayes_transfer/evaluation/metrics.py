@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "accuracy", "error", "nll", "brier", "ece", "reliability", "classification_metrics",
@@ -174,3 +175,17 @@ def pixel_accuracy(pred, target, ignore_index: int | None = None) -> jax.Array:
     valid = jnp.ones(target.shape, bool) if ignore_index is None else target != ignore_index
     n = jnp.sum(valid)
     return jnp.sum((pred == target) & valid) / jnp.maximum(n, 1)
+
+
+def evaluate_probs(probs, labels, *, num_classes: int | None = None) -> dict[str, float]:
+    """Test metrics of predictive probabilities: error, NLL, ECE, Brier, accuracy (and
+    mIoU / pixel accuracy for (N, H, W) label maps)."""
+    probs = np.asarray(probs)
+    labels = np.asarray(labels)
+    out = classification_metrics(probs, labels)
+    if labels.ndim > 1:
+        c = num_classes or probs.shape[-1]
+        pred = probs.argmax(-1)
+        out["miou"] = float(mean_iou(pred, labels, c))
+        out["pixel_accuracy"] = float(pixel_accuracy(pred, labels))
+    return out

@@ -1,4 +1,4 @@
-"""Semantic segmentation under a learned prior: data, MAP fine-tuning, metrics, pictures.
+"""Semantic segmentation under a learned prior: data, MAP fine-tuning, metrics, save/load.
 
 The encoder of a :class:`~bayes_transfer.models.segmentation.SegmentationModel` is the
 backbone a classification prior covers, so every fine-tuning method of
@@ -30,21 +30,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bayes_transfer import metrics as btmetrics
-from bayes_transfer.data.batching import num_batches
+from bayes_transfer.data import scenes, seg_dataset
 from bayes_transfer.errors import BayesTransferError
+from bayes_transfer.evaluation import metrics as btmetrics
 from bayes_transfer.inference.map import (DEFAULT_VARIANCES, FinetuneConfig, FinetuneResult,
                                           finetune)
+from bayes_transfer.models import segmentation_model_from_prior
 from bayes_transfer.models.segmentation import (SegmentationModel, create_segmentation,
-                                                segmentation_config,
-                                                segmentation_model_from_prior)
-from bayes_transfer.objectives import head_sq_norm, map_loss
-from bayes_transfer.train import TrainConfig, TrainResult, predict
+                                                segmentation_config)
+from bayes_transfer.training import TrainConfig, TrainResult, predict
+from bayes_transfer.training.checkpoints import read_model_info, read_weights, write_model_dir
+from bayes_transfer.training.objectives import head_sq_norm, map_loss
 
 __all__ = [
     "DECODER_RULE", "DATASETS", "default_config", "evaluate_segmentation", "finetune_segmentation",
     "load_segmentation_model", "load_task", "model_from_prior", "predict_probs",
-    "save_overlays", "save_segmentation_model", "segmentation_loss", "segmentation_metrics",
+    "save_segmentation_model", "segmentation_loss", "segmentation_metrics",
 ]
 
 #: Parameters of the decoder, the segmentation counterpart of a classifier's head.
@@ -72,8 +73,6 @@ def load_task(name: str, num_train: int, *, seed: int = 0, **options):
     or the path of an ``image/`` + ``label/`` folder
     (:func:`~bayes_transfer.data.seg_dataset.load_segmentation_splits`).
     """
-    from bayes_transfer.data import scenes, seg_dataset
-
     if name in ("isbi", "isbi2012", seg_dataset.ISBI_NAME):
         return seg_dataset.load_isbi(num_train, seed=seed, **options)
     if name in ("fashion_scenes", "fashion-scenes"):
@@ -161,8 +160,8 @@ def default_config(*, steps: int = 300, batch_size: int = 4, learning_rate: floa
 
     ``config.head_decay`` is the decoder's weight decay; ``variances`` the effective prior
     variances of the λ grid (default: classification's, 1e-2..100: with N = a few images
-    and d ≈ 1e5 covered weights, smaller ones freeze the encoder). The number of epochs is set from
-    ``steps`` by :func:`finetune_segmentation` (it depends on the training-set size).
+    and d ≈ 1e5 covered weights, smaller ones freeze the encoder). ``steps`` is the run's length,
+    whatever the training-set size (``TrainConfig.steps``).
     """
     train = TrainConfig(epochs=1, batch_size=batch_size, optimizer="adam",
                         learning_rate=learning_rate, schedule="cosine", seed=seed,
@@ -192,8 +191,7 @@ def finetune_segmentation(model: SegmentationModel, splits, prior, method: str =
         # segmentation datasets crop and flip image and mask together instead.
         train = dataclasses.replace(train, augment=False)
     if steps is not None:
-        per_epoch = num_batches(splits.train, train.batch_size)
-        train = dataclasses.replace(train, epochs=steps / per_epoch)
+        train = dataclasses.replace(train, steps=steps)
     config = dataclasses.replace(config, train=train)
     loss = segmentation_loss(len(splits.train), decoder_decay=config.head_decay,
                              ignore_index=splits.train.ignore_index)
@@ -205,101 +203,11 @@ def finetune_segmentation(model: SegmentationModel, splits, prior, method: str =
                     loss_fn=loss, evaluate=evaluate)
 
 
-# ------------------------------------------------------------------------------ pictures
-
-def _class_colours(num_classes: int, hidden=()) -> np.ndarray:
-    """A distinct colour per shown class (tab10 while they fit), grey for hidden ones."""
-    import matplotlib
-
-    shown = [c for c in range(num_classes) if c not in hidden]
-    cmap = matplotlib.colormaps["tab10" if len(shown) <= 10 else "tab20"]
-    colours = np.full((num_classes, 3), 0.5)
-    for k, c in enumerate(shown):
-        colours[c] = cmap(k % cmap.N)[:3]
-    return colours
-
-
-def _overlay(grey: np.ndarray, labels: np.ndarray, colours: np.ndarray, hidden, alpha: float):
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    tint = colours[np.clip(labels, 0, len(colours) - 1)]
-    shown = ~np.isin(labels, hidden)
-    rgb[shown] = (1 - alpha) * rgb[shown] + alpha * tint[shown]
-    return rgb
-
-
-def save_overlays(dataset, probs, path, *, indices=None, max_images: int = 4,
-                  window: int | None = None, alpha: float = 0.45, title: str | None = None,
-                  dpi: int = 120):
-    """PNG grid: for each image, the image, the truth and the prediction over it, and errors.
-
-    ``probs`` are ``(N, H, W, C)`` probabilities (or ``(N, H, W)`` predicted labels) of
-    ``dataset``'s whole images; ``indices`` picks which (default: the first
-    ``max_images``). Classes named ``background`` are left untinted; the last column
-    shows wrong pixels in red and the prediction's confidence as brightness elsewhere.
-    ``window`` shows only the top-left ``window × window`` pixels (large images: a
-    readable figure and a small file). Returns the path written.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    probs = np.asarray(probs)
-    pred = probs if probs.ndim == 3 else np.argmax(probs, axis=-1)
-    conf = None if probs.ndim == 3 else probs.max(axis=-1)
-    indices = list(range(min(max_images, len(dataset)))) if indices is None else list(indices)
-    names = list(dataset.class_names or [str(c) for c in range(dataset.num_classes)])
-    hidden = [i for i, n in enumerate(names) if n == "background"]
-    colours = _class_colours(dataset.num_classes, hidden)
-    fig, axes = plt.subplots(len(indices), 4, figsize=(10, 2.6 * len(indices) + 0.6),
-                             squeeze=False)
-    for row, i in enumerate(indices):
-        win = (slice(None, window), slice(None, window))
-        image = dataset.images[i][win].astype(np.float32)
-        image = image / 255.0 if dataset.images.dtype == np.uint8 else image
-        grey = image[..., 0] if image.shape[-1] == 1 else image.mean(-1)
-        truth = dataset.masks[i][win]
-        pred_i, conf_i = pred[i][win], None if conf is None else conf[i][win]
-        valid = (truth != dataset.ignore_index if dataset.ignore_index is not None
-                 else np.ones(truth.shape, bool))
-        wrong = (pred_i != truth) & valid
-        err = np.repeat((grey if conf_i is None else conf_i)[..., None], 3, -1) * 0.6
-        err[wrong] = (0.9, 0.1, 0.1)
-        panels = [(np.repeat(grey[..., None], 3, -1), "image"),
-                  (_overlay(grey, truth, colours, hidden, alpha), "truth"),
-                  (_overlay(grey, pred_i, colours, hidden, alpha), "prediction"),
-                  (err, "errors (red)")]
-        for col, (img, label) in enumerate(panels):
-            ax = axes[row, col]
-            ax.imshow(np.clip(img, 0, 1), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(label, fontsize=9)
-        axes[row, 3].set_xlabel(f"{100 * wrong.sum() / max(np.sum(valid), 1):.1f}% of pixels "
-                                f"wrong", fontsize=8)
-    shown = [c for c in range(dataset.num_classes) if c not in hidden]
-    fig.legend(handles=[Patch(color=colours[c], label=names[c]) for c in shown],
-               loc="lower center", ncol=min(len(shown), 6), fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path = os.fspath(path)
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
-
-
 # ------------------------------------------------------------------------------ save / load
 
 def save_segmentation_model(result: TrainResult, path, *, extra: dict | None = None) -> Path:
     """Write ``path/model.json`` (``{"task": "segmentation", "model": config}``) and the
-    weights (orbax), atomically, like ``bayes_transfer.checkpoints.save_model``."""
-    from bayes_transfer.checkpoints import write_model_dir
-
+    weights (orbax), atomically, like ``bayes_transfer.training.checkpoints.save_model``."""
     return write_model_dir(result, path, {"task": "segmentation",
                                           "model": segmentation_config(result.model),
                                           **(extra or {})})
@@ -307,8 +215,6 @@ def save_segmentation_model(result: TrainResult, path, *, extra: dict | None = N
 
 def load_segmentation_model(path):
     """(model, info) from a directory written by :func:`save_segmentation_model`."""
-    from bayes_transfer.checkpoints import read_model_info, read_weights
-
     info = read_model_info(path)
     if info.get("task") != "segmentation":
         raise BayesTransferError(f"{path} holds a {info.get('task', 'classification')} model, "

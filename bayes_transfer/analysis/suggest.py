@@ -52,9 +52,11 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
+from bayes_transfer import models
+from bayes_transfer.analysis.transferability import transferability
 from bayes_transfer.errors import BayesTransferError
 from bayes_transfer.inference.map import DEFAULT_VARIANCES, FinetuneConfig
-from bayes_transfer.transferability import transferability
+from bayes_transfer.prior import Prior
 
 __all__ = ["Suggestion", "rule", "suggest"]
 
@@ -199,12 +201,11 @@ def rule(measures: dict, variances, *, reinit_below: float = 0.5, min_gain: floa
 
 def _random_model(prior_or_model, model, seed: int):
     """A freshly initialised model of the same architecture, or None if unknown."""
-    from bayes_transfer import models
-    from bayes_transfer.prior import Prior
-
     if model is None and isinstance(prior_or_model, Prior):
-        arch = prior_or_model.metadata.get("architecture")
-        return models.create(**{**arch, "seed": seed}) if arch else None
+        try:
+            return models.from_prior(prior_or_model, seed=seed)
+        except models.ModelConfigError:
+            return None
     source = model if model is not None else prior_or_model
     if isinstance(source, models.Classifier):
         return models.create(**{**models.model_config(source), "seed": seed})

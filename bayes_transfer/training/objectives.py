@@ -9,16 +9,13 @@ arrives through the training loop's ``aux`` argument, so sweeping λ never recom
 from __future__ import annotations
 
 import functools
-
 import re
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from bayes_transfer.params import flatten_with_paths
-
-HEAD_RULE = r"^head/"
+from bayes_transfer.params import HEAD_RULE, flatten_with_paths
 
 
 def head_sq_norm(params, rule: str = HEAD_RULE) -> jax.Array:

@@ -6,23 +6,16 @@
     bayes-transfer priors verify                        every registered prior
     bayes-transfer priors verify NAME_OR_PATH ...
     bayes-transfer priors register priors/my-prior --name my/prior --model-card card.md
-
-Wire it into a parser with :func:`add_priors_parser`; ``python -m
-bayes_transfer.cli_priors list`` runs it on its own.
+    bayes-transfer priors import-torch PREFIX --arch resnet50 --out priors/imagenet-r50
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from bayes_transfer import hub
+from bayes_transfer.cli.import_torch import add_import_parser
 from bayes_transfer.errors import BayesTransferError, HubError
-
-
-def _hub():
-    from bayes_transfer import hub
-    return hub
-
 
 def _common(args) -> dict:
     return {"registry": args.registry, "cache_dir": args.cache_dir,
@@ -30,7 +23,6 @@ def _common(args) -> dict:
 
 
 def cmd_list(args) -> None:
-    hub = _hub()
     entries = hub.list_priors(**_common(args))
     rows = []
     for e in entries:
@@ -54,7 +46,7 @@ def cmd_list(args) -> None:
 
 
 def cmd_show(args) -> None:
-    info = _hub().show(args.name, **_common(args))
+    info = hub.show(args.name, **_common(args))
     card = info.pop("model_card_text")
     if args.json:
         print(json.dumps({**info, "model_card_text": card}, indent=2))
@@ -78,7 +70,6 @@ def cmd_show(args) -> None:
 
 
 def cmd_download(args) -> None:
-    hub = _hub()
     for ref in args.refs:
         path = hub.download(ref, sha256=args.sha256, timeout=args.timeout,
                             progress=False if args.no_progress else None, **_common(args))
@@ -86,7 +77,6 @@ def cmd_download(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    hub = _hub()
     refs = args.refs or [e.name for e in hub.list_priors(**_common(args))]
     if not refs:
         print("no priors registered; nothing to verify")
@@ -107,14 +97,14 @@ def cmd_verify(args) -> None:
 
 
 def cmd_register(args) -> None:
-    entry = _hub().register_prior(
+    entry = hub.register_prior(
         args.path, args.name, registry=args.registry, location=args.location,
         model_card=args.model_card, license=args.license, description=args.description)
     print(f"registered {entry.name} (sha256 {entry.sha256}) at {', '.join(entry.locations)} "
-          f"in {args.registry or _hub().default_registry()}")
+          f"in {args.registry or hub.default_registry()}")
 
 
-def add_priors_parser(subparsers) -> argparse.ArgumentParser:
+def add_parsers(subparsers) -> argparse.ArgumentParser:
     """Add ``priors list | show | download | verify | register`` to ``subparsers``.
 
     ``subparsers`` is what ``parser.add_subparsers()`` returned; each action sets
@@ -139,7 +129,6 @@ def add_priors_parser(subparsers) -> argparse.ArgumentParser:
         description="Published priors by name, like pretrained weights: sha256-pinned in a "
                     "registry, downloaded once into a cache.")
     sub = priors.add_subparsers(dest="priors_command", required=True, metavar="ACTION")
-    from bayes_transfer.torch_import import add_import_parser
     add_import_parser(sub)
 
     p = sub.add_parser("list", parents=[common], help="registered priors and their status")
@@ -179,24 +168,3 @@ def add_priors_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--description", default=None)
     p.set_defaults(func=cmd_register)
     return priors
-
-
-def main(argv=None) -> int:
-    """``python -m bayes_transfer.cli_priors ACTION ...`` (same as ``bayes-transfer priors``)."""
-    parser = argparse.ArgumentParser(prog="bayes-transfer")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_priors_parser(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "priors":
-        argv = ["priors", *argv]
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except BayesTransferError as e:
-        print(f"bayes-transfer: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,23 +1,14 @@
-"""Command-line segmentation: fine-tune under a prior, evaluate, write overlays.
+"""``finetune --task segmentation`` and ``evaluate --task segmentation``.
 
-Self-contained, so that ``bayes-transfer finetune --task segmentation`` and ``bayes-transfer
-evaluate --task segmentation`` can delegate here, and usable on its own::
+The classification commands (:mod:`bayes_transfer.cli.finetune`, :mod:`bayes_transfer.cli.train`)
+add these options to their parsers and hand segmentation runs to :func:`run_finetune` /
+:func:`run_evaluate`::
 
-    python -m bayes_transfer.cli_segmentation finetune --prior fashion-mnist/small-cnn \\
+    bayes-transfer finetune --task segmentation --prior fashion-mnist/small-cnn \\
         --dataset isbi --num-train 6 --method l2sp lowrank --steps 300 \\
         --overlays outputs/isbi.png --save-model outputs/isbi-model --out outputs/isbi.json
-    python -m bayes_transfer.cli_segmentation evaluate --model outputs/isbi-model/lowrank \\
+    bayes-transfer evaluate --task segmentation --model outputs/isbi-model/lowrank \\
         --dataset isbi --overlays outputs/isbi-eval.png
-
-Wiring into the main CLI (``bayes_transfer/cli.py``)::
-
-    from bayes_transfer.cli_segmentation import (add_segmentation_args,
-                                                 add_segmentation_eval_args)
-    add_segmentation_args(finetune_parser)       # adds only options it does not have yet
-    add_segmentation_eval_args(evaluate_parser)
-    # in cmd_finetune / cmd_evaluate:
-    if args.task == "segmentation":
-        return run_segmentation_finetune(args)   # or run_segmentation_evaluate(args)
 
 Segmentation uses ``--steps`` (optimizer steps, whatever the training-set size) and
 ``--images-per-batch`` rather than the classification ``--epochs`` / ``--batch-size``,
@@ -26,15 +17,19 @@ and ``--num-train`` (images, or scenes) rather than ``--shots``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
-import sys
 from pathlib import Path
 
-from bayes_transfer.cli import _classes  # one parser of '0-4' / '5,6,7'
+from bayes_transfer import models
+from bayes_transfer import segmentation as seg
+from bayes_transfer.cli.common import classes, jsonable, write_report
+from bayes_transfer.errors import BayesTransferError
+from bayes_transfer.hub import load_prior
+from bayes_transfer.inference.map import DEFAULT_VARIANCES
+from bayes_transfer.prior import METHODS
 
-__all__ = ["add_segmentation_args", "add_segmentation_eval_args", "build_parser", "main",
-           "run_segmentation_evaluate", "run_segmentation_finetune"]
+__all__ = ["add_evaluate_args", "add_finetune_args", "run_evaluate", "run_finetune"]
 
 _DEFAULT_NUM_TRAIN = {"isbi": 6, "fashion_scenes": 20}
 # option defaults that evaluate replaces with the saved model's data options
@@ -76,10 +71,8 @@ def _add_data_args(p, seed_default: int | None = 0) -> None:
     _add(p, "--eval-batch-size", type=int, default=4, help="whole images per forward pass")
 
 
-def add_segmentation_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_finetune_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``finetune --task segmentation`` (only those ``p`` lacks are added)."""
-    from bayes_transfer.prior import METHODS
-
     _add_data_args(p)
     _add(p, "--prior", required=True, help="prior name, path or URL")
     _add(p, "--method", nargs="+", default=["lowrank"],
@@ -107,7 +100,7 @@ def add_segmentation_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     return p
 
 
-def add_segmentation_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_evaluate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``evaluate --task segmentation`` (only those ``p`` lacks are added)."""
     _add_data_args(p, seed_default=None)
     _add(p, "--model", required=True, help="directory written by finetune --save-model")
@@ -127,16 +120,13 @@ def _num_train(args) -> int:
 
 
 def _load_splits(args, num_train: int):
-    from bayes_transfer import segmentation as seg
-    from bayes_transfer.errors import BayesTransferError
-
     if not args.dataset:
         raise BayesTransferError("--task segmentation needs --dataset isbi, fashion_scenes or "
                                  "a folder with image/ and label/")
     options: dict = {"data_dir": args.data_dir}
     name = args.dataset
     if name in ("fashion_scenes", "fashion-scenes"):
-        options["classes"] = _classes(getattr(args, "classes", None))
+        options["classes"] = classes(getattr(args, "classes", None))
         if args.num_test:
             options["num_test"] = args.num_test
     else:
@@ -162,19 +152,13 @@ def _overlay_path(base: str, method: str, several: bool) -> str:
     return str(p.with_name(f"{p.stem}-{method}{p.suffix or '.png'}"))
 
 
-def run_segmentation_finetune(args) -> dict:
+def run_finetune(args) -> dict:
     """``finetune --task segmentation``: every method in ``args.method``, λ by validation.
 
     Prints one line per method, and writes ``--out`` (JSON), ``--overlays`` (PNG) and
     ``--save-model`` (model directories) when given. Returns the JSON-able results.
     """
-    from bayes_transfer import segmentation as seg
-    from bayes_transfer.demo import resolve_prior
-    from bayes_transfer.errors import BayesTransferError
-    from bayes_transfer.inference.map import DEFAULT_VARIANCES
-    from bayes_transfer.prior import METHODS
-
-    prior = resolve_prior(args.prior)
+    prior = load_prior(args.prior)
     num_train = _num_train(args)
     splits = _load_splits(args, num_train)
     arch = prior.metadata.get("architecture", {})
@@ -191,13 +175,12 @@ def run_segmentation_finetune(args) -> dict:
         decoder_decay=args.head_decay, variances=variances, select_by=select_by,
         seed=args.seed, progress=True)
     if args.optimizer != "adam":
-        import dataclasses
         config = dataclasses.replace(config, train=dataclasses.replace(
             config.train, optimizer=args.optimizer))
     scale = "auto" if str(args.scale) == "auto" else float(args.scale)
     print(f"prior: {prior}; data: {splits.train} / val {splits.val} / test {splits.test}")
     results, cache = [], {}
-    model = seg.model_from_prior(prior, splits.num_classes, seed=args.seed)
+    model = models.from_prior(prior, splits.num_classes, seed=args.seed, segmentation=True)
     for method in methods:
         res = seg.finetune_segmentation(model, splits, prior, method, scale=scale,
                                         config=config, steps=steps, cache=cache,
@@ -214,30 +197,25 @@ def run_segmentation_finetune(args) -> dict:
             print(f"  wrote {path}")
         if getattr(args, "save_model", None):
             where = Path(args.save_model) / method
-            seg.save_segmentation_model(res.result, where, extra=_jsonable({
+            seg.save_segmentation_model(res.result, where, extra=jsonable({
                 "prior": args.prior, "dataset": args.dataset, "num_train": num_train,
                 "seed": args.seed, "data": _data_options(args), "method": method,
                 "scale": res.scale, "test": res.metrics}))
             print(f"  saved the model to {where}")
     report = {"task": "segmentation", "prior": args.prior, "dataset": args.dataset,
               "num_train": num_train, "seed": args.seed, "steps": steps,
-              "results": _jsonable(results)}
+              "results": jsonable(results)}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+        write_report(args.out, report)
     return report
 
 
-def run_segmentation_evaluate(args) -> dict:
+def run_evaluate(args) -> dict:
     """``evaluate --task segmentation``: metrics of a saved model on a split, overlays.
 
     The data options the model was fine-tuned with (saved in its ``model.json``: classes,
     validation scheme, test size, seed) are reused unless given on the command line.
     """
-    from bayes_transfer import segmentation as seg
-    from bayes_transfer.errors import BayesTransferError
-
     model, info = seg.load_segmentation_model(args.model)
     if args.dataset in (None, *_CLASSIFICATION_DATASETS) and info.get("dataset"):
         args.dataset = info["dataset"]          # the data the model was fine-tuned on
@@ -255,7 +233,7 @@ def run_segmentation_evaluate(args) -> dict:
             f"{ds.num_classes} here; pass the --classes it was fine-tuned with")
     metrics, probs = seg.evaluate_segmentation(model, ds, batch_size=args.eval_batch_size)
     report = {"model": args.model, "dataset": args.dataset, "split": args.split,
-              **_jsonable(metrics)}
+              **jsonable(metrics)}
     print(json.dumps(report, indent=2))
     if args.overlays:
         seg.save_overlays(ds, probs, args.overlays, max_images=args.max_images,
@@ -263,47 +241,5 @@ def run_segmentation_evaluate(args) -> dict:
                                 f"{metrics['miou']:.3f}")
         print(f"wrote {args.overlays}")
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        write_report(args.out, report)
     return report
-
-
-def _jsonable(x):
-    """NaN/inf → None/str so the JSON is strict."""
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return x
-
-
-# ------------------------------------------------------------------------------ standalone
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bayes_transfer.cli_segmentation",
-                                     description="Segmentation under a learned prior.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("finetune", help="fine-tune a segmentation model under a prior")
-    add_segmentation_args(p)
-    p.set_defaults(func=run_segmentation_finetune, task="segmentation")
-    p = sub.add_parser("evaluate", help="metrics and overlays of a saved segmentation model")
-    add_segmentation_eval_args(p)
-    p.set_defaults(func=run_segmentation_evaluate, task="segmentation")
-    return parser
-
-
-def main(argv=None) -> int:
-    from bayes_transfer.errors import BayesTransferError
-
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except BayesTransferError as e:
-        print(f"bayes-transfer: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

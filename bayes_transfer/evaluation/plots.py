@@ -8,7 +8,7 @@ Example::
 from __future__ import annotations
 
 import math
-import os
+from pathlib import Path
 from typing import Mapping
 
 import matplotlib
@@ -17,9 +17,10 @@ matplotlib.use("Agg")  # noqa: E402  (before pyplot)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bayes_transfer import metrics  # noqa: E402
+from bayes_transfer.evaluation import metrics  # noqa: E402
+from bayes_transfer.fsutil import atomic_write  # noqa: E402
 
-__all__ = ["reliability_diagram"]
+__all__ = ["reliability_diagram", "save_figure"]
 
 _BAR = "#3b6ea8"
 _GAP = "#d9534f"
@@ -91,10 +92,14 @@ def reliability_diagram(results: Mapping[str, tuple], path, *, n_bins: int = 15,
             ax.legend(loc="upper left", fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=12)
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=dpi, bbox_inches="tight")
     return fig
+
+
+def save_figure(fig, path, **savefig_kwargs) -> Path:
+    """``fig.savefig`` written atomically (format from ``path``'s suffix), then closed."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+    plt.close(fig)
+    return path

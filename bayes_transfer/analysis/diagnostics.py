@@ -43,8 +43,10 @@ from flax import nnx
 
 from bayes_transfer import data as btdata
 from bayes_transfer.errors import BayesTransferError
-from bayes_transfer.objectives import map_loss, prior_penalty
-from bayes_transfer.train import TrainConfig, TrainResult, fit, make_apply, split_model
+from bayes_transfer.inference.map import evaluate_classification
+from bayes_transfer.training import (TrainConfig, TrainResult, TrainState, fit, make_apply,
+                                     split_model)
+from bayes_transfer.training.objectives import map_loss, prior_penalty
 
 __all__ = ["DEFAULT_OPTIMIZERS", "GradientTrace", "adam_preconditioner", "gradient_diagnostics",
            "trace_gradients"]
@@ -183,7 +185,6 @@ def trace_gradients(model: nnx.Module, splits, prior, *, method: str = "lowrank"
     ``num_batches`` batches (size ``diag_batch_size``) of a fixed order of
     ``splits.train``. ``validate`` adds validation ``val_nll`` and ``val_error``.
     """
-    from bayes_transfer.inference.map import evaluate_classification
 
     if (scale is None) == (variance is None):
         raise BayesTransferError("give exactly one of scale (λ) or variance (λ·mean diag Σ₀)")
@@ -239,6 +240,5 @@ def trace_gradients(model: nnx.Module, splits, prior, *, method: str = "lowrank"
 
 
 def _start_state(params, rest):
-    from bayes_transfer.train import TrainState
 
     return TrainState(jnp.zeros((), jnp.int32), params, rest, None)

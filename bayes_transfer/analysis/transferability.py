@@ -36,7 +36,11 @@ import dataclasses
 import numpy as np
 from flax import nnx
 
+from bayes_transfer import models
 from bayes_transfer.errors import BayesTransferError
+from bayes_transfer.prior import Prior
+from bayes_transfer.ssl.linear_probe import extract_features
+from bayes_transfer.training import refresh_batch_stats
 
 __all__ = ["knn_accuracy", "logme", "logme_per_class", "model_for", "target_features",
            "transferability"]
@@ -156,20 +160,15 @@ def model_for(prior_or_model, *, model: nnx.Module | None = None, seed: int = 0)
     ``model`` (or, without it, the architecture in ``prior.metadata["architecture"]``,
     freshly initialised with ``seed``) with the backbone set to the prior mean.
     """
-    from bayes_transfer.prior import Prior
-
     if not isinstance(prior_or_model, Prior):
         return prior_or_model
     prior = prior_or_model
     if model is None:
-        from bayes_transfer import models
-
-        arch = prior.metadata.get("architecture")
-        if not arch:
+        try:
+            return models.from_prior(prior, seed=seed, at_mean=True)
+        except models.ModelConfigError as e:
             raise BayesTransferError(
-                "the prior's metadata has no 'architecture', so no model can be built for "
-                "it; pass model=<a model of the prior's architecture>")
-        model = models.create(**{**arch, "seed": seed})
+                f"{e}; pass model=<a model of the prior's architecture>") from None
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return nnx.merge(graphdef, prior.init_params(params), rest)
 
@@ -185,8 +184,6 @@ def target_features(prior_or_model, dataset, *, model: nnx.Module | None = None,
     are not read). A prior stores no BatchNorm statistics, so without this a prior's
     features would be normalised by a fresh model's (mean 0, variance 1).
     """
-    from bayes_transfer.inference.bma import refresh_batch_stats
-    from bayes_transfer.ssl.linear_probe import extract_features
 
     net = model_for(prior_or_model, model=model)
     if refresh_bn:

@@ -6,17 +6,18 @@ weights are an orbax checkpoint of ``{"params", "rest"}``; no pickle anywhere.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from bayes_transfer import models as btmodels
 from bayes_transfer.errors import BayesTransferError
-from bayes_transfer.train import TrainResult, host_copy, on_process_0, split_model
+from bayes_transfer.fsutil import atomic_write
+from bayes_transfer.training.distributed import host_copy, on_process_0
+from bayes_transfer.training.predict import split_model
+from bayes_transfer.training.state import TrainResult
 
 
 def save_model(result: TrainResult, path, *, extra: dict | None = None) -> Path:
@@ -41,18 +42,10 @@ def write_model_dir(result: TrainResult, path, info: dict) -> Path:
 
 
 def _write_model_dir(path: Path, info: dict, state, multiprocessing_options) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_write(path, directory=True) as tmp:
         (tmp / "model.json").write_text(json.dumps(info, indent=2))
         with ocp.StandardCheckpointer(multiprocessing_options=multiprocessing_options) as ckptr:
             ckptr.save(tmp / "weights", state)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -69,8 +62,6 @@ def read_model_info(path) -> dict:
 
 def read_weights(path, model):
     """``model`` (its architecture) with the weights saved in ``path/weights``."""
-    from flax import nnx
-
     graphdef, params, rest = split_model(model)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "rest": rest})
     try:

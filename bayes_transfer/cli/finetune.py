@@ -1,0 +1,114 @@
+"""``finetune`` and ``suggest``: the downstream side."""
+from __future__ import annotations
+
+import shlex
+
+from bayes_transfer import data, models
+from bayes_transfer.analysis.suggest import suggest
+from bayes_transfer.cli import segmentation
+from bayes_transfer.cli.common import add_data_args, classes, is_primary, write_report
+from bayes_transfer.hub import load_prior
+from bayes_transfer.inference.map import FinetuneConfig, finetune
+from bayes_transfer.inference.posterior import PosteriorConfig, sample_posterior
+from bayes_transfer.prior import METHODS
+from bayes_transfer.training import TrainConfig
+
+SAMPLERS = ("sgld", "swag")
+
+
+def _line(name: str, metrics: dict, keys=("error", "nll", "ece", "brier")) -> str:
+    return name + " " + " ".join(f"{k}={metrics[k]:.4f}" for k in keys)
+
+
+def cmd_finetune(args) -> None:
+    if args.task == "segmentation":
+        segmentation.run_finetune(args)
+        return
+    prior = load_prior(args.prior)
+    splits = data.load(args.dataset, shots_per_class=args.shots, classes=classes(args.classes),
+                       seed=args.seed, data_dir=args.data_dir)
+    methods = METHODS if args.method == ["all"] else args.method
+    config = FinetuneConfig(train=TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+        learning_rate=args.lr, seed=args.seed, desc="finetune"), head_decay=args.head_decay,
+        reinit_top=args.reinit_top)
+    results, cache = [], {}
+    scale = "auto" if args.scale == "auto" else float(args.scale)
+    for method in methods:
+        model = models.from_prior(prior, splits.train.num_classes, seed=args.seed)
+        if method in SAMPLERS:
+            post = PosteriorConfig(prior_method=args.prior_method, scale=scale, map=config)
+            res = sample_posterior(model, splits, prior, method, samples=args.samples,
+                                   config=post, log=print)
+            results.append({**res.summary(), "val": res.val_metrics,
+                            "map": res.map_metrics, "calibrated": res.calibrated_metrics})
+            print(_line(f"{method:10s} BMA of {args.samples} samples, λ={res.scale:<9.3g}",
+                        res.metrics))
+            continue
+        res = finetune(model, splits, prior, method, scale=scale, config=config, cache=cache)
+        results.append({**res.summary(), "val": res.val_metrics, "sweep": res.sweep})
+        print(_line(f"{method:10s} λ={res.scale:<9.3g}", res.metrics))
+    if args.out and is_primary():
+        write_report(args.out, {"prior": args.prior, "dataset": args.dataset,
+                                "shots": args.shots, "seed": args.seed, "results": results})
+
+
+def cmd_suggest(args) -> None:
+    prior = load_prior(args.prior)
+    splits = data.load(args.dataset, shots_per_class=args.shots, classes=classes(args.classes),
+                       seed=args.seed, data_dir=args.data_dir)
+    s = suggest(prior, splits, seed=args.seed)
+    scale = s.scale(prior, args.method)
+    print(s.explain())
+    command = ["bayes-transfer", "finetune", "--prior", args.prior, "--dataset", args.dataset,
+               "--shots", str(args.shots), "--method", args.method, "--scale", f"{scale:.6g}",
+               "--reinit-top", str(s.reinit_top), "--seed", str(args.seed)]
+    if args.classes:
+        command += ["--classes", args.classes]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    print(f"λ for {args.method}: {scale:.6g}. To fine-tune with it:\n  {shlex.join(command)}")
+    if args.out and is_primary():
+        write_report(args.out, {"prior": args.prior, "dataset": args.dataset,
+                                "shots": args.shots, "seed": args.seed, "method": args.method,
+                                "scale": scale, **s.as_dict(), "reasons": list(s.reasons),
+                                "command": command})
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune under a prior (λ chosen on validation)")
+    p.add_argument("--prior", required=True, help="prior name, path or URL")
+    add_data_args(p, default="mnist_5k")
+    p.add_argument("--shots", type=int, default=10, help="examples per class (default 10)")
+    p.add_argument("--method", nargs="+", default=["lowrank"],
+                   help=f"one or more of {', '.join(METHODS)} (MAP), sgld or swag "
+                        f"(samples + model averaging), or 'all' (every MAP method)")
+    p.add_argument("--samples", type=int, default=10,
+                   help="posterior samples for sgld/swag (default 10)")
+    p.add_argument("--prior-method", default="lowrank", choices=METHODS,
+                   help="the prior sgld/swag sample under (default lowrank)")
+    p.add_argument("--scale", default="auto", help="λ, or 'auto' (validation grid)")
+    p.add_argument("--epochs", type=float, default=40)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--optimizer", default="adam", choices=["sgd", "adam", "adamw"])
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--head-decay", type=float, default=1e-4)
+    p.add_argument("--reinit-top", type=int, default=0,
+                   help="re-initialise the top k backbone blocks (outside the prior)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write results JSON here")
+    p.add_argument("--task", default="classification", choices=["classification", "segmentation"],
+                   help="segmentation: --dataset isbi, fashion_scenes or an image/label folder")
+    segmentation.add_finetune_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("suggest", help="propose λ and re-initialisation from a "
+                       "transferability measure, before fine-tuning")
+    p.add_argument("--prior", required=True, help="prior name, path or URL")
+    add_data_args(p, default="mnist_5k")
+    p.add_argument("--shots", type=int, default=10, help="examples per class (default 10)")
+    p.add_argument("--method", default="lowrank", choices=METHODS,
+                   help="the prior the λ is for (default lowrank)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the suggestion as JSON here")
+    p.set_defaults(func=cmd_suggest)

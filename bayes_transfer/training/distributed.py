@@ -1,0 +1,88 @@
+"""Where arrays live: the data mesh, batches split over devices and hosts, process 0.
+
+Data parallelism: the batch is sharded over all devices along a ``data`` mesh axis and
+the state is replicated; XLA inserts the gradient all-reduce. The same code runs on one
+CPU, on 8 simulated CPU devices and on a GPU/TPU host. Multi-host: call
+``jax.distributed.initialize()`` first (or start with ``python -m
+bayes_transfer.launch``); every process computes the same global batch and hands its
+devices only their rows (``docs/scaling.md``).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bayes_transfer.errors import BayesTransferError
+
+
+def data_mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Put a global batch on the mesh, split along ``data`` (replicated if uneven)."""
+    n = len(mesh.devices.flat)
+    size = len(next(iter(batch.values())))
+    # Batches that don't split evenly (tiny few-shot sets) are replicated instead.
+    sharded = size % n == 0
+    sharding = NamedSharding(mesh, P("data") if sharded else P())
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    # Multi-host: every process builds the same global batch (a function of seed and
+    # step) and gives each of its own devices the rows the sharding assigns it. Asking
+    # the sharding, not assuming process i holds the i-th block of rows, stays right
+    # whatever order jax.devices() lists the hosts' devices in.
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}
+
+
+def place_aux(aux, mesh: Mesh):
+    """Replicate ``aux`` (a prior) over the mesh, except arrays already sharded on it
+    (``Prior.shard``: a large prior stays split along d)."""
+    replicated = NamedSharding(mesh, P())
+
+    def place(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(place, aux)
+
+
+def host_copy(tree):
+    """This process's numpy copy of a tree of replicated arrays (``fit``'s state, a prior
+    built from it). It needs no other process, so process 0 alone may call it before
+    writing a file; an eager op on an array spread over several processes, by contrast,
+    is a collective that every process must run."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                raise BayesTransferError(f"host_copy needs replicated arrays, got {x.sharding}")
+            x = x.addressable_data(0)
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def on_process_0(write, what: str) -> None:
+    """Run ``write()`` on process 0 of a multi-process run while the other processes
+    wait for it. Every process joins one collective afterwards, whether the write
+    worked or raised, so a failure on process 0 fails every process instead of leaving
+    the others waiting for a file that never comes. One process: just ``write()``."""
+    if jax.process_count() == 1:
+        write()
+        return
+    error = None
+    if jax.process_index() == 0:
+        try:
+            write()
+        except Exception as e:    # re-raised below, after the others have been told
+            error = e
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if error is not None:
+        raise error
+    if int(failed):
+        raise BayesTransferError(f"process 0 failed {what}; its output says why")

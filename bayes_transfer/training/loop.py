@@ -1,0 +1,176 @@
+"""The one training loop.
+
+Supervised source training, SWAG collection, SimCLR, MAP fine-tuning under a prior and
+SGLD all run through :func:`fit`; they differ only in their loss function
+(:mod:`bayes_transfer.training.state` has the protocol) and their optimizer (and in
+whether a SWAG collector rides along), never in a copy of the loop.
+
+The batch is sharded over all devices along the ``data`` mesh axis and the state is
+replicated (:mod:`bayes_transfer.training.distributed`); a large prior may stay sharded
+along d (``Prior.shard``). Checkpoints (orbax) hold the whole state, SWAG statistics
+included; batches and keys are a function of (seed, step), so a resumed run is the same
+run.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from bayes_transfer import data as btdata
+from bayes_transfer.errors import BayesTransferError
+from bayes_transfer.training.distributed import data_mesh, place_aux, shard_batch
+from bayes_transfer.training.optim import make_optimizer
+from bayes_transfer.training.predict import make_apply, split_model
+from bayes_transfer.training.state import TrainConfig, TrainResult, TrainState
+
+
+def fit(
+    model: nnx.Module,
+    dataset,
+    loss_fn: Callable,
+    config: TrainConfig,
+    *,
+    aux: Any = None,
+    optimizer: optax.GradientTransformation | None = None,
+    swag=None,
+    params=None,
+    opt_state=None,
+    eval_fn: Callable[[TrainResult], dict] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``dataset`` (an ``ArrayDataset``) by minimising ``loss_fn``.
+
+    ``swag`` is a SWAG collector (``bayes_transfer.swag.swag_collector``) updated after
+    every optimizer step; ``params`` overrides the model's initial parameters (for
+    instance a prior's mean); ``opt_state`` overrides ``optimizer.init(params)``, to
+    continue a run's optimizer state over several calls (an SGLD chain's PRNG key and
+    step count, see ``bayes_transfer.inference.sgld``); ``eval_fn`` is called at the end
+    of each epoch with the current result and its dict goes into the history.
+    """
+    graphdef, model_params, rest = split_model(model)
+    params = model_params if params is None else params
+    steps_per_epoch = btdata.num_batches(dataset, config.batch_size)
+    total_steps = config.total_steps(steps_per_epoch)
+    tx = optimizer or make_optimizer(config, total_steps)
+
+    mesh = data_mesh()
+    step_fn = _compiled_step(graphdef, loss_fn, tx, config.augment, config.flip, swag, mesh)
+
+    replicated = NamedSharding(mesh, P())
+    state = TrainState(jnp.zeros((), jnp.int32), params, rest,
+                       tx.init(params) if opt_state is None else opt_state,
+                       None if swag is None else swag.init(params))
+    # A private copy: the step donates its input state, the caller keeps its arrays.
+    state = jax.tree.map(jnp.copy, jax.device_put(state, replicated))
+    aux = place_aux(aux, mesh)
+
+    manager = _checkpoint_manager(config)
+    if manager is not None and manager.latest_step() is not None:
+        state = _restore(manager, state, replicated)
+    start = int(state.step)
+
+    history: list[dict] = []
+    key0 = jax.random.PRNGKey(config.seed)
+    # One progress bar per run, not one per process.
+    bar = tqdm(total=total_steps, initial=start, desc=config.desc,
+               disable=not config.progress or jax.process_index() != 0,
+               dynamic_ncols=True, leave=False)
+    step, tic, seen = start, time.perf_counter(), 0
+    metrics = {}
+    epoch = start // steps_per_epoch
+    while step < total_steps:
+        skip = step - epoch * steps_per_epoch
+        for i, batch in enumerate(btdata.batches(dataset, config.batch_size, seed=config.seed,
+                                                 epoch=epoch)):
+            if i < skip:
+                continue
+            if step >= total_steps:
+                break
+            key = jax.random.fold_in(key0, step)
+            state, metrics = step_fn(state, shard_batch(batch, mesh), key, aux)
+            step += 1
+            seen += len(batch["label"]) if "label" in batch else len(batch["image"])
+            bar.update(1)
+            if step % 10 == 0 or step == total_steps:
+                rate = seen / (time.perf_counter() - tic)
+                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", img_s=f"{rate:.0f}")
+            if manager is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                _save(manager, step, state)
+        epoch += 1
+        record = {"epoch": epoch, "step": step,
+                  **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+        if eval_fn is not None:
+            record.update(eval_fn(TrainResult(graphdef, state, history)))
+        history.append(record)
+        if manager is not None and not config.checkpoint_every:
+            _save(manager, step, state)
+    bar.close()
+    if manager is not None:
+        _save(manager, step, state)
+        manager.wait_until_finished()
+        manager.close()
+    return TrainResult(graphdef, state, history)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_step(graphdef, loss_fn, tx, augment: bool, flip: bool, swag, mesh: Mesh):
+    """The jitted train step; cached so repeated runs (a λ sweep, seeds) compile once."""
+    apply = make_apply(graphdef)
+    replicated = NamedSharding(mesh, P())
+
+    def train_step(state: TrainState, batch, key, aux):
+        if augment:
+            batch = dict(batch, image=btdata.augment(jax.random.fold_in(key, 1), batch["image"],
+                                                     flip=flip))
+
+        def objective(p):
+            return loss_fn(apply, p, state.rest, batch, key, aux)
+
+        (loss, (rest, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        swag_state = state.swag if swag is None else swag.update(state.swag, params)
+        metrics = dict(metrics, loss=loss)
+        new = TrainState(state.step + 1, params, rest, opt_state, swag_state)
+        # The state stays replicated even when a sharded prior's gradient is not: the
+        # next call then sees the same input shardings and does not recompile.
+        return jax.lax.with_sharding_constraint(new, replicated), metrics
+
+    return jax.jit(train_step, donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _checkpoint_manager(config: TrainConfig):
+    if not config.checkpoint_dir:
+        return None
+    path = Path(config.checkpoint_dir).absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(path, options=options)
+
+
+def _save(manager, step: int, state: TrainState) -> None:
+    if manager.latest_step() == step:
+        return
+    manager.save(step, args=ocp.args.StandardSave(state))
+
+
+def _restore(manager, state: TrainState, sharding) -> TrainState:
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+    try:
+        return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # orbax raises many types; the user needs one message
+        raise BayesTransferError(
+            f"cannot resume from the checkpoint in {manager.directory}: {e}. It was written "
+            f"by a different model, optimizer or SWAG setting; use a new --checkpoint-dir or "
+            f"delete this one to start over") from e

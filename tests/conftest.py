@@ -1,0 +1,9 @@
+"""Test-wide setup: data the package cannot find by itself is pointed to here."""
+import os
+from pathlib import Path
+
+# The ISBI-2012 membrane data lies beside the project, not in it (the package never
+# looks outside itself): tell it where, when it is there.
+ISBI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012-membrane"
+if ISBI_DIR.is_dir():
+    os.environ.setdefault("BAYES_TRANSFER_ISBI2012", str(ISBI_DIR))
