@@ -23,6 +23,7 @@ ALIASES: dict[str, str] = {
     "bayes_transfer.diagnostics": "bayes_transfer.analysis.diagnostics",
     "bayes_transfer.torch_reader": "bayes_transfer.interop.torch_reader",
     "bayes_transfer.torch_import": "bayes_transfer.interop.torch_prior",
+    "bayes_transfer.artifact": "bayes_transfer.artifacts",
 }
 
 

@@ -147,20 +147,21 @@ def child_load(path: str, theta_kind: str) -> dict:
     import jax.numpy as jnp
 
     import bayes_transfer as bt
-    from bayes_transfer import artifact
-    from bayes_transfer.prior import _all_finite   # a fused check: no (d,) boolean array
+    from bayes_transfer.artifacts import arrays as artifact_arrays
+    from bayes_transfer.artifacts import io as artifact_io
+    from bayes_transfer.prior.woodbury import all_finite   # fused: no (d,) boolean array
     record("import jax, bayes_transfer")
 
-    read_arrays = artifact._read_arrays
-
     def traced_read_arrays(*args, **kwargs):      # the load's read step, measured apart
-        out = read_arrays(*args, **kwargs)
+        out = artifact_arrays.read_arrays(*args, **kwargs)
         record("load: read arrays")
         return out
 
-    artifact._read_arrays = traced_read_arrays
-    prior = bt.load_prior(path, verify=True)
-    artifact._read_arrays = read_arrays
+    artifact_io.read_arrays = traced_read_arrays    # what read_prior calls
+    try:
+        prior = bt.load_prior(path, verify=True)
+    finally:
+        artifact_io.read_arrays = artifact_arrays.read_arrays
     jax.block_until_ready(prior)
     record("load: to JAX, validate, Cholesky")
 
@@ -181,7 +182,7 @@ def child_load(path: str, theta_kind: str) -> dict:
     lp, g = value_and_grad(prior, theta)
     jax.block_until_ready((lp, g))
     record("log_prob + grad, 1st call (compiles)")
-    finite = bool(jnp.isfinite(lp)) and all(bool(_all_finite(x)) for x in jax.tree.leaves(g))
+    finite = bool(jnp.isfinite(lp)) and all(bool(all_finite(x)) for x in jax.tree.leaves(g))
     del lp, g
     lp, g = value_and_grad(prior, theta)
     jax.block_until_ready((lp, g))

@@ -16,7 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bayes_transfer import artifact as A
+from bayes_transfer import artifacts as A
+from bayes_transfer import fsutil
+from bayes_transfer.artifacts import arrays as A_arrays
+from bayes_transfer.artifacts import format as A_format
+from bayes_transfer.artifacts import io as A_io
 from bayes_transfer.errors import (ArtifactError, ArtifactIntegrityError, ArtifactVersionError,
                                    BayesTransferError, PriorError, SpecMismatchError)
 from bayes_transfer.params import ParamSpec
@@ -82,7 +86,7 @@ def resign(path: Path, edit=None):
     meta = json.loads((path / "metadata.json").read_text())
     if edit:
         edit(meta)
-    meta["files"] = A._hash_files(path)
+    meta["files"] = A_format.hash_files(path)
     meta["sha256"] = A.metadata_digest(meta)
     (path / "metadata.json").write_text(json.dumps(meta))
 
@@ -110,7 +114,7 @@ def assert_typed_or_loads(fn):
 @pytest.mark.parametrize("kind", ["lowrank", "diag", "isotropic", "l2sp", "flat"])
 def test_round_trip_is_exact(tmp_path, kind, dtype):
     prior, path = saved(tmp_path, kind, dtype)
-    loaded = A.load_prior(path)
+    loaded = A.read_prior(path)
     assert loaded.kind == prior.kind
     assert loaded.spec == prior.spec
     for name in ("mean", "var", "deviations"):
@@ -147,14 +151,14 @@ def test_verify_read_metadata_and_pinned_digest(tmp_path):
     assert A.verify_artifact(path, sha256=meta["sha256"]) == meta
     assert meta["sha256"] == A.metadata_digest(meta)
     with pytest.raises(ArtifactIntegrityError, match=meta["sha256"]):
-        A.load_prior(path, sha256="0" * 64)
+        A.read_prior(path, sha256="0" * 64)
     shutil.rmtree(path / "arrays")           # read_metadata reads no array
     assert A.read_metadata(path) == meta
 
 
 def test_dtype_cast_and_model_check(tmp_path):
     prior, path = saved(tmp_path, "lowrank", jnp.bfloat16)
-    loaded = A.load_prior(path, dtype=jnp.float32, model_params=make_params())
+    loaded = A.read_prior(path, dtype=jnp.float32, model_params=make_params())
     assert loaded.var.dtype == jnp.float32 and loaded.deviations.dtype == jnp.float32
     np.testing.assert_array_equal(loaded.var, prior.var.astype(jnp.float32))
 
@@ -171,9 +175,9 @@ def test_arrays_are_read_into_aligned_memory_used_in_place(tmp_path, monkeypatch
     """Each array is read (chunk by chunk) into 64-byte aligned memory that the loaded
     prior uses as is, without a copy, on the CPU; the values are Orbax's."""
     _, path = saved(tmp_path, "lowrank", dtype)
-    read, real = {}, A._read_arrays
-    monkeypatch.setattr(A, "_read_arrays", lambda *a: read.update(real(*a)) or dict(read))
-    loaded = A.load_prior(path)
+    read, real = {}, A_arrays.read_arrays
+    monkeypatch.setattr(A_io, "read_arrays", lambda *a: read.update(real(*a)) or dict(read))
+    loaded = A.read_prior(path)
     restored = _orbax_restore(path)
     assert set(read) == {"mean", "var", "deviations"}
     for name, array in read.items():
@@ -190,11 +194,11 @@ def test_other_array_layouts_load_the_same(tmp_path, monkeypatch, layout):
     import orbax.checkpoint as ocp
 
     prior, path = saved(tmp_path, "lowrank", jnp.bfloat16)
-    want = {"": A.load_prior(path), "f32": A.load_prior(path, dtype=jnp.float32)}
+    want = {"": A.read_prior(path), "f32": A.read_prior(path, dtype=jnp.float32)}
     if layout == "unknown":
         def unreadable(*args):
             raise RuntimeError("not this layout")
-        monkeypatch.setattr(A, "_read_arrays_aligned", unreadable)
+        monkeypatch.setattr(A_arrays, "_read_arrays_aligned", unreadable)
     else:
         arrays = {k: np.asarray(v) for k, v in _orbax_restore(path).items()}
         shutil.rmtree(path / "arrays")
@@ -205,8 +209,8 @@ def test_other_array_layouts_load_the_same(tmp_path, monkeypatch, layout):
         with ocp.Checkpointer(handler) as ckptr:
             ckptr.save((path / "arrays").absolute(), args=args)
         resign(path)
-        A._read_arrays_aligned(path / "arrays", A.read_metadata(path), None)   # no fallback
-    got = {"": A.load_prior(path), "f32": A.load_prior(path, dtype=jnp.float32)}
+        A_arrays._read_arrays_aligned(path / "arrays", A.read_metadata(path), None)   # no fallback
+    got = {"": A.read_prior(path), "f32": A.read_prior(path, dtype=jnp.float32)}
     for key in want:
         for name in ("mean", "var", "deviations", "chol", "logdet"):
             assert bits(getattr(got[key], name)) == bits(getattr(want[key], name)), (key, name)
@@ -214,7 +218,7 @@ def test_other_array_layouts_load_the_same(tmp_path, monkeypatch, layout):
 
 def test_resave_keeps_metadata_and_overwrite_rules(tmp_path):
     prior, path = saved(tmp_path)
-    loaded = A.load_prior(path).rescale(10.0)
+    loaded = A.read_prior(path).rescale(10.0)
     with pytest.raises(ArtifactError, match="already exists"):
         A.save_prior(loaded, path)
     A.save_prior(loaded, path, metadata={"source_accuracy": 0.5}, overwrite=True)
@@ -249,13 +253,13 @@ def test_corrupted_array_byte(tmp_path):
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     with pytest.raises(ArtifactIntegrityError) as e:
-        A.load_prior(path)
+        A.read_prior(path)
     msg = str(e.value)
-    assert rel in msg and expected in msg and A._file_sha256(target) in msg
+    assert rel in msg and expected in msg and A_format._file_sha256(target) in msg
     assert "download" in msg
     with pytest.raises(ArtifactIntegrityError):
         A.verify_artifact(path)
-    assert_typed_or_loads(lambda: A.load_prior(path, verify=False))
+    assert_typed_or_loads(lambda: A.read_prior(path, verify=False))
 
 
 def test_truncated_array_file(tmp_path):
@@ -264,7 +268,7 @@ def test_truncated_array_file(tmp_path):
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     for verify in (True, False):
         with pytest.raises(ArtifactIntegrityError, match="truncated"):
-            A.load_prior(path, verify=verify)
+            A.read_prior(path, verify=verify)
 
 
 def test_unreadable_arrays_are_wrapped(tmp_path):
@@ -275,22 +279,22 @@ def test_unreadable_arrays_are_wrapped(tmp_path):
         target.write_bytes(target.read_bytes()[:10])
     resign(path)
     with pytest.raises(ArtifactError, match="cannot read the arrays"):
-        A.load_prior(path)
+        A.read_prior(path)
 
 
 def test_missing_files(tmp_path):
     _, path = saved(tmp_path)
     (path / "metadata.json").unlink()
     with pytest.raises(ArtifactError, match="metadata.json") as e:
-        A.load_prior(path)
+        A.read_prior(path)
     assert "arrays/" in str(e.value)          # says what a valid artifact contains
     _, path = saved(tmp_path, name="other")
     victim = largest_array_file(path)
     victim.unlink()
     with pytest.raises(ArtifactIntegrityError, match=victim.name):
-        A.load_prior(path, verify=False)
+        A.read_prior(path, verify=False)
     with pytest.raises(ArtifactError, match="does not exist"):
-        A.load_prior(tmp_path / "nowhere")
+        A.read_prior(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("edit", [
@@ -307,7 +311,7 @@ def test_tampered_metadata_is_detected(tmp_path, edit):
     edit(meta)
     (path / "metadata.json").write_text(json.dumps(meta, indent=1))
     with pytest.raises(ArtifactIntegrityError, match="expected sha256"):
-        A.load_prior(path)
+        A.read_prior(path)
 
 
 def test_resigned_inconsistent_spec_is_still_refused(tmp_path):
@@ -319,7 +323,7 @@ def test_resigned_inconsistent_spec_is_still_refused(tmp_path):
 
     resign(path, edit)
     with pytest.raises(ArtifactError, match="d=51"):
-        A.load_prior(path)
+        A.read_prior(path)
 
 
 def test_metadata_layout_does_not_matter(tmp_path):
@@ -335,7 +339,7 @@ def test_newer_format_version(tmp_path):
     meta["format_version"] = 2
     (path / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactVersionError, match="upgrade bayes_transfer"):
-        A.load_prior(path)
+        A.read_prior(path)
     with pytest.raises(ArtifactVersionError):
         A.read_metadata(path)
 
@@ -349,18 +353,18 @@ def test_nan_prior_is_refused(tmp_path):
     # An artifact with NaN written by someone else (digests valid) is refused on load.
     _, path = saved(tmp_path)
     shutil.rmtree(path / "arrays")
-    arrays = A._prior_arrays(make_prior("diag"))
+    arrays = A_arrays.prior_arrays(make_prior("diag"))
     arrays["mean"][3] = np.nan
-    A._write_arrays(path / "arrays", arrays)
+    A_arrays.write_arrays(path / "arrays", arrays)
     resign(path)
     with pytest.raises(PriorError, match="NaN"):
-        A.load_prior(path)
+        A.read_prior(path)
 
 
 def test_mismatched_model(tmp_path):
     _, path = saved(tmp_path)
     with pytest.raises(SpecMismatchError) as e:
-        A.load_prior(path, model_params=make_params(dense=12))
+        A.read_prior(path, model_params=make_params(dense=12))
     msg = str(e.value)
     assert "backbone/dense/bias" in msg and "(10,)" in msg and "(12,)" in msg
 
@@ -377,10 +381,10 @@ def test_nnx_state_as_model_params(tmp_path):
     spec = ParamSpec.from_params(state)
     prior = Prior.diagonal(spec, spec.ravel(state), jnp.ones((spec.size,)))
     path = A.save_prior(prior, tmp_path / "p")
-    loaded = A.load_prior(path, model_params=state)
+    loaded = A.read_prior(path, model_params=state)
     assert loaded.spec == spec
     with pytest.raises(SpecMismatchError, match=r"backbone/bias.*\(4,\).*\(5,\)"):
-        A.load_prior(path, model_params=nnx.state(Net(5, nnx.Rngs(0)), nnx.Param))
+        A.read_prior(path, model_params=nnx.state(Net(5, nnx.Rngs(0)), nnx.Param))
 
 
 def test_pickle_in_artifact_is_never_executed(tmp_path):
@@ -399,7 +403,7 @@ def test_pickle_in_artifact_is_never_executed(tmp_path):
     (path / "arrays" / "checkpoint").write_bytes(payload)   # Orbax's legacy file name
     for verify in (True, False):              # ... but a stray file is refused unread
         with pytest.raises(ArtifactIntegrityError, match="unexpected file"):
-            A.load_prior(path, verify=verify)
+            A.read_prior(path, verify=verify)
     assert not marker.exists()
 
 
@@ -409,7 +413,7 @@ def test_links_inside_an_artifact_are_refused(tmp_path):
     victim.unlink()
     victim.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(ArtifactIntegrityError, match="symbolic link"):
-        A.load_prior(path, verify=False)
+        A.read_prior(path, verify=False)
 
 
 def test_non_standard_json_is_refused(tmp_path):
@@ -427,7 +431,7 @@ def test_crash_during_save_leaves_nothing(tmp_path, monkeypatch):
         raise RuntimeError("simulated crash")
 
     out = tmp_path / "out"
-    monkeypatch.setattr(A, "_write_metadata", crash)
+    monkeypatch.setattr(A_io, "write_metadata", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         A.save_prior(make_prior(), out / "p")
     assert os.listdir(out) == []
@@ -437,28 +441,28 @@ def test_crash_during_overwrite_keeps_previous(tmp_path, monkeypatch):
     old, path = saved(tmp_path)
     before = A.read_metadata(path)
     new = make_prior().rescale(99.0)
-    monkeypatch.setattr(A, "_fsync_tree", lambda root: (_ for _ in ()).throw(OSError("disk")))
+    monkeypatch.setattr(fsutil, "fsync_tree", lambda root: (_ for _ in ()).throw(OSError("disk")))
     with pytest.raises(OSError, match="disk"):
         A.save_prior(new, path, overwrite=True)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["prior"]
     assert A.verify_artifact(path) == before
 
-    real_replace = os.replace
+    real_replace = fsutil._replace
 
     def fail_final_rename(src, dst, *a, **k):
         if ".partial-" in str(src) and Path(dst) == path:
             raise OSError("rename failed")
         return real_replace(src, dst, *a, **k)
 
-    monkeypatch.setattr(A.os, "replace", fail_final_rename)
+    monkeypatch.setattr(fsutil, "_replace", fail_final_rename)
     with pytest.raises(OSError, match="rename failed"):
         A.save_prior(new, path, overwrite=True)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["prior"]
     assert A.verify_artifact(path) == before
     A.save_prior(new, path, overwrite=True)
-    assert float(A.load_prior(path).scale) == 99.0
+    assert float(A.read_prior(path).scale) == 99.0
     assert sorted(os.listdir(tmp_path)) == ["prior"]
 
 
@@ -471,9 +475,9 @@ def test_pack_unpack_round_trip(tmp_path, suffix):
     assert packed.read_bytes() == again.read_bytes()          # reproducible
     dest = A.unpack_artifact(packed, tmp_path / "dl" / "prior")
     assert A.read_metadata(dest) == A.read_metadata(path)
-    loaded = A.load_prior(dest)
+    loaded = A.read_prior(dest)
     assert bits(loaded.var) == bits(prior.var)
-    direct = A.load_prior(packed)                               # a packed file loads too
+    direct = A.read_prior(packed)                               # a packed file loads too
     assert bits(direct.mean) == bits(prior.mean)
     with pytest.raises(ArtifactError, match="already exists"):
         A.unpack_artifact(packed, dest)
@@ -486,7 +490,7 @@ def test_unpack_hand_made_tar_with_top_folder(tmp_path):
     with tarfile.open(packed, "w:gz") as tar:
         tar.add(path, arcname="my-prior")
     dest = A.unpack_artifact(packed, tmp_path / "x")
-    assert bits(A.load_prior(dest).var) == bits(prior.var)
+    assert bits(A.read_prior(dest).var) == bits(prior.var)
 
 
 def _add_bytes(tar, name, data=b"x", **attrs):

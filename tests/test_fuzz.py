@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bayes_transfer import artifact as A
+from bayes_transfer import artifacts as A
+from bayes_transfer import fsutil
 from bayes_transfer.interop import torch_reader
 from bayes_transfer.errors import BayesTransferError
 from bayes_transfer.params import ParamSpec
@@ -279,7 +280,7 @@ def bases(tmp_path_factory):
     out = {}
     for name, prior in _base_priors().items():
         path = A.save_prior(prior, root / name, metadata={"source": {"dataset": "fuzz"}})
-        check_prior(A.load_prior(path, model_params=make_model_params()))
+        check_prior(A.read_prior(path, model_params=make_model_params()))
         out[name] = path
     return out
 
@@ -398,7 +399,7 @@ def test_fuzz_artifact_directories(bases, marker, tmp_path):
         if rng.random() < 0.2:
             kwargs["sha256"] = digests[name]
         what = f"case {i} ({name}, {desc}, signed={signed}, {sorted(kwargs)}, verify={verify})"
-        result = outcomes.run(what, lambda: A.load_prior(root, **kwargs), check_prior)
+        result = outcomes.run(what, lambda: A.read_prior(root, **kwargs), check_prior)
         if isinstance(result, Prior):
             if not signed and verify and not unchanged:
                 outcomes.problems.append(f"{what}: an unsigned edit was not detected")
@@ -483,8 +484,8 @@ def mutate_members(members, rng: random.Random, marker: Path, work: Path) -> str
 
 def test_fuzz_packed_artifacts(bases, marker, tmp_path, monkeypatch):
     # fsync is not under test here and costs ~10 ms a file on this disk
-    monkeypatch.setattr(A, "_fsync_tree", lambda root: None)
-    monkeypatch.setattr(A, "_fsync_dir", lambda directory: None)
+    monkeypatch.setattr(fsutil, "fsync_tree", lambda root: None)
+    monkeypatch.setattr(fsutil, "fsync_dir", lambda directory: None)
     outcomes = Outcomes(marker)
     names = sorted(bases)
     packed = {(n, c): tar_bytes(read_members(bases[n]), c) for n in names for c in (0, 1)}
@@ -502,14 +503,14 @@ def test_fuzz_packed_artifacts(bases, marker, tmp_path, monkeypatch):
         dest = tmp_path / f"u{i}" / "artifact"
         if rng.random() < 0.5:
             what = f"packed case {i} load_prior ({name}, gz={compress}, {desc})"
-            outcomes.run(what, lambda: A.load_prior(file), check_prior)
+            outcomes.run(what, lambda: A.read_prior(file), check_prior)
         else:
             what = f"packed case {i} unpack_artifact ({name}, gz={compress}, {desc})"
             result = outcomes.run(what, lambda: A.unpack_artifact(file, dest))
             leftovers = sorted(p.name for p in dest.parent.iterdir()) if dest.parent.exists() \
                 else []
             if isinstance(result, Path):
-                outcomes.run(what + " then load", lambda: A.load_prior(dest), check_prior)
+                outcomes.run(what + " then load", lambda: A.read_prior(dest), check_prior)
                 outcomes.cases -= 1
             elif leftovers:
                 outcomes.problems.append(f"{what}: a failed unpack left {leftovers}")

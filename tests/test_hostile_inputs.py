@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bayes_transfer import artifact as A
+from bayes_transfer import artifacts as A
 from bayes_transfer import hub
+from bayes_transfer.artifacts import arrays as A_arrays
+from bayes_transfer.hub import fetch as hub_fetch
 from bayes_transfer.errors import OfflineModeError, PriorError, SpecMismatchError
 from bayes_transfer.objectives import map_loss
 from bayes_transfer.params import ParamSpec, flatten_with_paths, map_with_paths
@@ -57,7 +59,7 @@ def with_arrays(path: Path, **arrays) -> Path:
 
     meta = json.loads((path / "metadata.json").read_text())
     current = {name: np.asarray(a) for name, a in
-               A._read_arrays(path, meta).items()}       # shapes/dtypes as stored
+               A_arrays.read_arrays(path, meta).items()}       # shapes/dtypes as stored
     for name, value in arrays.items():
         current[name] = np.asarray(value, dtype=current[name].dtype).reshape(
             current[name].shape)
@@ -123,12 +125,12 @@ def first_difference(spec: ParamSpec, params) -> str:
 
 def test_prior_for_the_wrong_model_names_the_path(cnn_prior_path):
     good = model_params()
-    prior = A.load_prior(cnn_prior_path, model_params=good)
+    prior = A.read_prior(cnn_prior_path, model_params=good)
     # same architecture, other width; another architecture altogether
     for params in (model_params(width=16), model_params("resnet")):
         path = repr(first_difference(prior.spec, params))
         with pytest.raises(SpecMismatchError) as info:
-            A.load_prior(cnn_prior_path, model_params=params)
+            A.read_prior(cnn_prior_path, model_params=params)
         assert path in str(info.value), str(info.value)
         with pytest.raises(SpecMismatchError, match=re.escape(path)):
             hub.load_prior(cnn_prior_path, model_params=params)
@@ -150,7 +152,7 @@ def test_prior_for_the_wrong_model_names_the_path(cnn_prior_path):
         prior.log_prob(swapped)
     # the head is not covered: another number of classes is fine
     other_head = model_params(classes=7)
-    assert np.isfinite(float(A.load_prior(cnn_prior_path, model_params=other_head)
+    assert np.isfinite(float(A.read_prior(cnn_prior_path, model_params=other_head)
                              .log_prob(other_head)))
     # a flat vector of the wrong length
     with pytest.raises(PriorError, match=f"d={prior.dim}"):
@@ -186,19 +188,19 @@ def test_nan_or_inf_in_an_artifact_is_a_prior_error(small_artifacts, tmp_path, b
                                                     value):
     path = shutil.copytree(small_artifacts[base], tmp_path / "p")
     meta = json.loads((path / "metadata.json").read_text())
-    current = A._read_arrays(path, meta)[array].astype(np.float32)
+    current = A_arrays.read_arrays(path, meta)[array].astype(np.float32)
     current.reshape(-1)[7] = BAD_VALUES[value]
     with_arrays(path, **{array: current})
     for verify in (True, False):       # the values are checked whether or not files are hashed
         with pytest.raises(PriorError, match="NaN or Inf"):
-            A.load_prior(path, verify=verify)
+            A.read_prior(path, verify=verify)
     with pytest.raises(PriorError, match="NaN or Inf"):
         hub.load_prior(path)
     # a packed copy: refused on unpacking, and nothing is left at the destination
     packed = tmp_path / "p.tar.gz"
     _pack_unchecked(path, packed)
     with pytest.raises(PriorError, match="NaN or Inf"):
-        A.load_prior(packed)
+        A.read_prior(packed)
     with pytest.raises(PriorError, match="NaN or Inf"):
         A.unpack_artifact(packed, tmp_path / "out" / "p")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -219,11 +221,11 @@ def _pack_unchecked(root: Path, out: Path) -> None:
 def test_non_positive_variance_in_an_artifact(small_artifacts, tmp_path, base, bad):
     path = shutil.copytree(small_artifacts[base], tmp_path / "p")
     meta = json.loads((path / "metadata.json").read_text())
-    var = A._read_arrays(path, meta)["var"].astype(np.float32)
+    var = A_arrays.read_arrays(path, meta)["var"].astype(np.float32)
     var[3] = bad           # 1e-40 is subnormal: flushed to zero by XLA on CPU, so refused
     with_arrays(path, var=var)
     with pytest.raises(PriorError, match="variances must be positive"):
-        A.load_prior(path)
+        A.read_prior(path)
 
 
 def test_non_positive_variances_in_constructors():
@@ -274,7 +276,7 @@ def test_rank_one_prior_matches_a_dense_reference(tmp_path, lam, eps):
     theta = (mean + rng.normal(size=d) * np.sqrt(lam)).astype(np.float32)
     prior = Prior.lowrank(spec, mean, var, dev, scale=lam, floor=eps)
     assert prior.rank == 1 and prior.chol.shape == (1, 1)
-    loaded = A.load_prior(A.save_prior(prior, tmp_path / "k1"))
+    loaded = A.read_prior(A.save_prior(prior, tmp_path / "k1"))
     ref_lp, ref_g = dense_reference(theta, mean, var, dev, lam, eps)
     for p in (prior, loaded):
         lp, g = jax.jit(jax.value_and_grad(p.log_prob))(jnp.asarray(theta))
@@ -433,7 +435,7 @@ def cache_names(cache: Path) -> list[str]:
 def test_ctrl_c_in_the_middle_of_the_body_leaves_nothing(served, tmp_path, monkeypatch):
     server, sha = served
     cache = tmp_path / "cache"
-    real_fetch = hub._fetch
+    real_fetch = hub_fetch._fetch
 
     class Interrupting:        # the download's file: Ctrl-C after the first chunk arrived
         def __init__(self, out):
@@ -445,13 +447,13 @@ def test_ctrl_c_in_the_middle_of_the_body_leaves_nothing(served, tmp_path, monke
                 raise KeyboardInterrupt
             return self.out.write(chunk)
 
-    monkeypatch.setattr(hub, "_CHUNK", 512)
-    monkeypatch.setattr(hub, "_fetch", lambda url, out, **kw: real_fetch(url, Interrupting(out),
-                                                                          **kw))
+    monkeypatch.setattr(hub_fetch, "_CHUNK", 512)
+    monkeypatch.setattr(hub_fetch, "_fetch",
+                        lambda url, out, **kw: real_fetch(url, Interrupting(out), **kw))
     with pytest.raises(KeyboardInterrupt):
         hub.load_prior(server.base + "/full", cache_dir=cache, sha256=sha)
     assert cache_names(cache) == []
-    monkeypatch.setattr(hub, "_fetch", real_fetch)
+    monkeypatch.setattr(hub_fetch, "_fetch", real_fetch)
     assert hub.load_prior(server.base + "/full", cache_dir=cache, sha256=sha).dim == D
     assert cache_names(cache) == [sha]
 
@@ -466,7 +468,7 @@ def test_ctrl_c_after_unpacking_before_the_rename_leaves_nothing(served, tmp_pat
         unpacked.append(real_unpack(*args, **kwargs))   # complete and verified ...
         raise KeyboardInterrupt                         # ... but not renamed into place
 
-    monkeypatch.setattr(hub._artifact, "unpack_artifact", unpack_then_interrupt)
+    monkeypatch.setattr(hub_fetch, "unpack_artifact", unpack_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         hub.load_prior(server.base + "/full", cache_dir=cache, sha256=sha)
     assert unpacked and not unpacked[0].exists()
@@ -492,7 +494,8 @@ def test_download_killed_with_sigkill_leaves_no_entry(tmp_path, monkeypatch, req
     url = server.base + "/half"
     code = textwrap.dedent(f"""
         import bayes_transfer.hub as hub
-        hub._CHUNK = 4096          # small reads: what arrives is written as it arrives
+        import bayes_transfer.hub.fetch as hub_fetch
+        hub_fetch._CHUNK = 4096    # small reads: what arrives is written as it arrives
         hub.load_prior({url!r}, cache_dir={str(cache)!r}, sha256={sha!r}, progress=False)
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from bayes_transfer import hub
-from bayes_transfer.artifact import pack_artifact, save_prior
-from bayes_transfer.cli_priors import add_priors_parser
+from bayes_transfer.artifacts import pack_artifact, save_prior
+from bayes_transfer.hub import fetch as hub_fetch
+from bayes_transfer.cli.priors import add_parsers as add_priors_parser
 from bayes_transfer.errors import (ArtifactIntegrityError, BayesTransferError,
                                    ChecksumMismatchError, DownloadError, HubError,
                                    OfflineModeError, RegistryError, UnknownPriorError)
@@ -27,6 +28,10 @@ from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
 
 NAME = "toy/lowrank"
+#: the demo prior, in the registry built into the package
+BUILTIN_NAME = "fashion-mnist/small-cnn"
+#: the repository's registry of the other published priors (tests may read the repository)
+REPO_REGISTRY = Path(__file__).resolve().parents[1] / "priors" / "registry.json"
 METADATA = {"architecture": {"arch": "small_cnn", "num_classes": 3, "in_channels": 1},
             "source": {"dataset": "toy", "split": "train", "method": "supervised"},
             "recommended_scale": [0.1, 10.0]}
@@ -247,7 +252,7 @@ def test_interrupted_download_leaves_nothing(art, server, tmp_path, monkeypatch)
     def interrupted(*args, **kwargs):      # Ctrl-C while unpacking the downloaded file
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hub._artifact, "unpack_artifact", interrupted)
+    monkeypatch.setattr(hub_fetch, "unpack_artifact", interrupted)
     with pytest.raises(KeyboardInterrupt):
         hub.load_prior(NAME, registry=reg, cache_dir=tmp_path / "cache")
     assert cache_contents(tmp_path / "cache") == []
@@ -411,7 +416,8 @@ def test_remote_registry_with_relative_location(art, server, tmp_path):
 def test_env_registry_and_malformed_registry(art, tmp_path, monkeypatch):
     reg = write_registry(tmp_path / "r.json", {NAME: url_entry(str(art.dir), art, size=None)})
     monkeypatch.setenv(hub.ENV_REGISTRY, str(reg))
-    assert [e.name for e in hub.list_priors()] == [NAME]
+    # the built-in registry, then the user's
+    assert [e.name for e in hub.list_priors()] == sorted([NAME, BUILTIN_NAME])
     assert_same_prior(hub.load_prior(NAME), art.prior)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -421,6 +427,85 @@ def test_env_registry_and_malformed_registry(art, tmp_path, monkeypatch):
         hub.list_priors(registry={NAME: {"location": "x", "sha256": "abc"}})
     with pytest.raises(RegistryError, match="location"):
         hub.list_priors(registry={NAME: {"sha256": None}})
+
+
+# ====================================================================== several registries
+def test_several_registries_merge_in_order(art, other, server, tmp_path, monkeypatch):
+    """Registries are merged by name, a later one overriding an earlier one; the defaults
+    are the built-in registry, then each entry of $BAYES_TRANSFER_REGISTRY."""
+    a = write_registry(tmp_path / "a.json", {NAME: url_entry(str(art.dir), art, size=None),
+                                             "toy/a-only": url_entry(str(art.dir), art,
+                                                                     size=None)})
+    b = write_registry(tmp_path / "b.json", {NAME: url_entry(str(other.dir), other, size=None)})
+    reg = hub.load_registry([a, b])
+    assert reg.names() == sorted([NAME, "toy/a-only"])
+    assert reg.entries[NAME].sha256 == other.sha256 and reg.entries[NAME].registry == str(b)
+    assert_same_prior(hub.load_prior(NAME, registry=[a, b]), other.prior)
+    assert_same_prior(hub.load_prior(NAME, registry=[b, a]), art.prior)
+    assert_same_prior(hub.load_prior(NAME, registry=str(a)), art.prior)    # one: only it
+
+    # the environment: paths and URLs (a URL keeps its ':'s) separated by os.pathsep
+    server.routes["/r.json"] = {"body": json.dumps({"priors": {
+        "toy/remote": url_entry(server.url("/o.tar.gz"), other)}}).encode()}
+    server.routes["/o.tar.gz"] = {"body": other.data}
+    monkeypatch.setenv(hub.ENV_REGISTRY, os.pathsep.join([str(a), server.url("/r.json"),
+                                                          str(b)]))
+    assert hub.default_registries() == [hub.BUILTIN_REGISTRY, str(a), server.url("/r.json"),
+                                        str(b)]
+    assert [e.name for e in hub.list_priors(cache_dir=tmp_path / "c")] == sorted(
+        [BUILTIN_NAME, NAME, "toy/a-only", "toy/remote"])
+    assert_same_prior(hub.load_prior(NAME, cache_dir=tmp_path / "c"), other.prior)
+    assert_same_prior(hub.load_prior("toy/remote", cache_dir=tmp_path / "c"), other.prior)
+
+    # a user registry overriding a built-in prior: a warning naming both registries
+    c = write_registry(tmp_path / "c.json", {BUILTIN_NAME: url_entry(str(art.dir), art,
+                                                                     size=None)})
+    monkeypatch.setenv(hub.ENV_REGISTRY, str(c))
+    with pytest.warns(UserWarning, match="overrides the built-in prior") as record:
+        prior = hub.load_prior(BUILTIN_NAME)
+    message = str(next(w.message for w in record if "built-in" in str(w.message)))
+    assert str(c) in message and str(hub.BUILTIN_REGISTRY) in message
+    assert_same_prior(prior, art.prior)
+    with pytest.warns(UserWarning, match="overrides the built-in prior"):
+        assert hub.show(BUILTIN_NAME)["registry"] == str(c)
+
+
+def test_builtin_registry_resolves_the_demo_prior_offline(tmp_path, monkeypatch):
+    """The demo prior ships inside the package: it loads by name with the network off
+    and nothing in the cache."""
+    monkeypatch.setenv(hub.ENV_OFFLINE, "1")
+    package = Path(hub.__file__).resolve().parents[1]              # bayes_transfer/
+    assert hub.BUILTIN_REGISTRY.is_relative_to(package)
+    entry = hub.load_registry().get(BUILTIN_NAME)
+    assert entry.registry == str(hub.BUILTIN_REGISTRY) and entry.pinned
+    path = Path(entry.locations[0])
+    assert path.is_relative_to(package) and Path(entry.model_card).is_relative_to(package)
+    assert hub.status(entry) == ("local", path)
+    cache = tmp_path / "cache"
+    prior = hub.load_prior(BUILTIN_NAME, cache_dir=cache)
+    assert prior.metadata["sha256"] == entry.sha256 and prior.dim == entry.raw["dim"]
+    assert not cache.exists()
+    assert "Model card" in hub.show(BUILTIN_NAME)["model_card_text"]
+
+
+def test_register_without_a_registry_is_a_clear_error(art, tmp_path, monkeypatch, capsys):
+    """register_prior never writes into the installed package: without registry= (or
+    --registry, or $BAYES_TRANSFER_REGISTRY) it says what to pass."""
+    builtin = hub.BUILTIN_REGISTRY.read_bytes()
+    with pytest.raises(RegistryError, match=r"registry=.*--registry.*BAYES_TRANSFER_REGISTRY"):
+        hub.register_prior(art.dir, NAME)
+    with pytest.raises(RegistryError, match="--registry"):
+        run_cli(["priors", "register", str(art.dir), "--name", NAME], capsys)
+    monkeypatch.setenv(hub.ENV_REGISTRY, os.pathsep.join([str(tmp_path / "a.json"),
+                                                          str(tmp_path / "b.json")]))
+    with pytest.raises(RegistryError, match="names 2 registries"):
+        hub.register_prior(art.dir, NAME)
+    assert hub.BUILTIN_REGISTRY.read_bytes() == builtin
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+    mine = tmp_path / "mine.json"            # one registry in the environment: that one
+    monkeypatch.setenv(hub.ENV_REGISTRY, str(mine))
+    assert hub.register_prior(art.dir, NAME).sha256 == art.sha256
+    assert list(json.loads(mine.read_text())["priors"]) == [NAME]
 
 
 # ====================================================================== registering
@@ -509,20 +594,20 @@ def test_cli(art, other, server, tmp_path, capsys):
 
 # ====================================================================== published priors
 def _published():
-    if not hub.DEFAULT_REGISTRY.is_file():
-        return []
-    reg = hub.load_registry(hub.DEFAULT_REGISTRY)
-    return [pytest.param(name, id=name) for name in reg.names()]
+    regs = [r for r in (hub.BUILTIN_REGISTRY, REPO_REGISTRY) if r.is_file()]
+    return [pytest.param(reg, name, id=name)
+            for reg in regs for name in hub.load_registry(reg).names()]
 
 
-@pytest.mark.parametrize("name", _published())
-def test_published_prior(name, tmp_path):
-    """Each prior in priors/registry.json loads by name, verifies and fits its model."""
+@pytest.mark.parametrize("registry,name", _published())
+def test_published_prior(registry, name, tmp_path):
+    """Each prior of the built-in registry and of the repository's priors/registry.json
+    loads by name, verifies and fits its model."""
     from flax import nnx
 
     from bayes_transfer import models
 
-    reg = hub.load_registry(hub.DEFAULT_REGISTRY)
+    reg = hub.load_registry(registry)
     entry = reg.entries[name]
     state, _ = hub.status(entry)
     if state == "missing":
@@ -533,9 +618,9 @@ def test_published_prior(name, tmp_path):
         pytest.skip(f"{name} is only at {entry.locations[0]}; set "
                     f"BAYES_TRANSFER_TEST_DOWNLOADS=1 to download and check it")
     cache = None if state == "remote" else tmp_path / "unused-cache"
-    meta = hub.verify(name, registry=hub.DEFAULT_REGISTRY, cache_dir=cache)
+    meta = hub.verify(name, registry=registry, cache_dir=cache)
     assert meta["sha256"] == entry.sha256
-    prior = hub.load_prior(name, registry=hub.DEFAULT_REGISTRY, cache_dir=cache, offline=True)
+    prior = hub.load_prior(name, registry=registry, cache_dir=cache, offline=True)
     model = models.create(**meta["architecture"])
     params = nnx.state(model, nnx.Param)
     prior.spec.check(params)
