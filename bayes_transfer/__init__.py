@@ -24,7 +24,7 @@ compat.install()   # old module paths (bayes_transfer.train, .artifact, ...) sti
 # The public API, from the modules that hold it.
 from bayes_transfer import data, models  # noqa: E402
 from bayes_transfer.analysis.suggest import Suggestion, suggest  # noqa: E402
-from bayes_transfer.artifact import save_prior, verify_artifact  # noqa: E402
+from bayes_transfer.artifacts import save_prior, verify_artifact  # noqa: E402
 from bayes_transfer.errors import BayesTransferError, PriorError, SpecMismatchError  # noqa: E402
 from bayes_transfer.evaluation import metrics  # noqa: E402
 from bayes_transfer.hub import load_prior  # noqa: E402

@@ -50,7 +50,7 @@ def learn_prior(model: nnx.Module, splits, config: LearnPriorConfig = LearnPrior
     def ckpt(name):
         return None if checkpoint_dir is None else os.path.join(checkpoint_dir, name)
 
-    simclr = getattr(loss_fn, "method", None) == "simclr"
+    simclr = getattr(loss_fn, "objective", None) == "simclr"
     if simclr:  # a projection head outside backbone/: the prior covers what it would anyway
         model = as_simclr_model(model)
     pretrain = fit(model, splits.train, loss_fn,

@@ -42,7 +42,7 @@ learn fashion04+mnist5k --dataset fashion_mnist:0-4+mnist_5k --epochs 3
 # a SimCLR step is about two supervised ones). 105 steps an epoch at batch 256: 5
 # epochs of training and 5 of SWAG (26 snapshots, one every 20 steps).
 if [ -f "$OUT/fashion04-simclr/metadata.json" ]; then echo "have $OUT/fashion04-simclr"; else
-  bayes-transfer learn-prior --method simclr --dataset fashion_mnist --classes 0-4 \
+  bayes-transfer learn-prior --objective simclr --dataset fashion_mnist --classes 0-4 \
     --arch small_cnn --epochs 5 --batch-size 256 --optimizer adam --lr 1e-3 \
     --weight-decay 0 --swag-epochs 5 --swag-lr 1e-4 --rank 20 --every 20 \
     --dtype bfloat16 --overwrite --checkpoint-dir "$OUT/ckpt/fashion04-simclr" \

@@ -23,6 +23,9 @@ import nbformat
 HERE = Path(__file__).resolve().parent
 SRC = HERE / "src"
 FORMAT = "py:percent"   # explicit: the sources' commented magics would make a guess "hydrogen"
+#: The repository's public address (GitHub OWNER/NAME), written wherever a source says
+#: ``{REPOSITORY}`` (the Colab badges, the clone cell). One place to change it.
+REPOSITORY = "OWNER/bayes_transfer"
 
 
 def notebook(source: Path) -> nbformat.NotebookNode:
@@ -32,6 +35,7 @@ def notebook(source: Path) -> nbformat.NotebookNode:
     nb.nbformat, nb.nbformat_minor = 4, 5     # cell ids need nbformat 4.5
     for i, cell in enumerate(nb.cells):
         cell["id"] = f"{source.stem[:2]}-cell-{i:02d}"   # stable ids: rebuilding gives no diff
+        cell["source"] = cell["source"].replace("{REPOSITORY}", REPOSITORY)
     nbformat.validate(nb)
     return nb
 

@@ -191,7 +191,7 @@ def _layout(root: Path) -> list[str]:
 
 @pytest.mark.slow     # 68-80 s on 2 busy cores: three processes, each compiling its steps
 def test_learn_prior_two_processes_equal_one_process(tmp_path):
-    from bayes_transfer.artifact import load_prior
+    from bayes_transfer.artifacts import read_prior
 
     port = _free_port()
     multi, single = tmp_path / "multi" / "prior", tmp_path / "single" / "prior"
@@ -211,7 +211,7 @@ def test_learn_prior_two_processes_equal_one_process(tmp_path):
     assert _layout(multi) == _layout(single)
     assert any("ocdbt.process_0" in f for f in _layout(multi))
 
-    got, ref = load_prior(multi, verify=True), load_prior(single, verify=True)
+    got, ref = read_prior(multi, verify=True), read_prior(single, verify=True)
     assert (got.kind, got.dim, got.rank, got.scale, got.floor) == (
         ref.kind, ref.dim, ref.rank, ref.scale, ref.floor) == ("lowrank", ref.dim, 3, 1.0, 0.0)
     assert got.spec == ref.spec

@@ -39,7 +39,7 @@ def _pipeline(out: Path, ckpt: Path) -> None:
     import jax
 
     from bayes_transfer import data, models
-    from bayes_transfer.artifact import load_prior, save_prior
+    from bayes_transfer.artifacts import read_prior, save_prior
     from bayes_transfer.inference.map import FinetuneConfig, finetune
     from bayes_transfer.learn import LearnPriorConfig, learn_prior
     from bayes_transfer.params import flatten_with_paths
@@ -64,7 +64,7 @@ def _pipeline(out: Path, ckpt: Path) -> None:
 
     results = out / "finetune.json"
     if not results.exists():
-        prior = load_prior(prior_dir)
+        prior = read_prior(prior_dir)
         target = data.load("digits", shots_per_class=10, seed=1)
         config = FinetuneConfig(
             train=TrainConfig(epochs=FINETUNE_EPOCHS, batch_size=32, optimizer="adam",
@@ -157,13 +157,13 @@ def _finish(out, ckpt, env) -> None:
 
 
 def _artifact(path: Path):
-    from bayes_transfer.artifact import load_prior
+    from bayes_transfer.artifacts import read_prior
 
     meta = json.loads((path / "metadata.json").read_text())
     # Digests cover the creation time (and orbax's own files carry a timestamp).
     for key in ("created", "sha256", "files"):
         meta.pop(key)
-    prior = load_prior(path)
+    prior = read_prior(path)
     arrays = {"mean": prior.mean, "var": prior.var, "deviations": prior.deviations,
               "chol": prior.chol, "logdet": prior.logdet}
     return meta, {k: np.asarray(v) for k, v in arrays.items()}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bayes_transfer import models
-from bayes_transfer.artifact import save_prior
+from bayes_transfer.artifacts import save_prior
 from bayes_transfer.errors import BayesTransferError
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior

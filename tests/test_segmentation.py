@@ -13,9 +13,9 @@ from bayes_transfer.data.errors import DatasetNotFoundError
 from bayes_transfer.data.scenes import make_scenes
 from bayes_transfer.data.seg_dataset import SegmentationDataset, split_by_image
 from bayes_transfer.errors import SpecMismatchError
+from bayes_transfer.models import segmentation_model_from_prior
 from bayes_transfer.models.segmentation import (SegmentationModel, create_segmentation,
-                                                segmentation_config,
-                                                segmentation_model_from_prior)
+                                                segmentation_config)
 from bayes_transfer.params import ParamSpec, flatten_with_paths, map_with_paths
 from bayes_transfer.prior import Prior
 from bayes_transfer.training import split_model

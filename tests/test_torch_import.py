@@ -23,7 +23,8 @@ import pytest
 from flax import nnx
 
 from bayes_transfer import models
-from bayes_transfer.artifact import load_prior
+from bayes_transfer.artifacts import read_prior
+from bayes_transfer.cli.import_torch import add_import_parser
 from bayes_transfer.errors import (BayesTransferError, LegacyTorchFormatError, TorchFormatError,
                                    TorchImportError, UnsafePickleError)
 from bayes_transfer.interop import (ParamMap, ReferenceLayout, convert_reference,
@@ -472,7 +473,7 @@ def test_resnet18_import_reorders_and_reproduces_the_reference(resnet18_files,
     assert "converted from: reference-torch (2 of 3 covmat rows" in stdout
     assert "reference λ = 3, ε = 0.001 -> stored scale 6" in stdout
     assert "model file: matches the mean" in stdout and "scale note:" in stdout
-    prior = load_prior(out_dir)
+    prior = read_prior(out_dir)
     assert prior.kind == "lowrank" and prior.rank == k and prior.dim == 11_176_512
     abstract = nnx.eval_shape(lambda: models.create("resnet18", 10, in_channels=3))
     params_state = nnx.state(abstract, nnx.Param)

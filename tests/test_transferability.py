@@ -174,7 +174,7 @@ def test_suggest_cli_writes_the_suggestion_and_a_finetune_command_that_runs(prio
     import shlex
 
     from bayes_transfer import cli
-    from bayes_transfer.artifact import save_prior
+    from bayes_transfer.artifacts import save_prior
 
     path = tmp_path / "prior"
     save_prior(prior, path)

@@ -25,7 +25,7 @@ computed *before* fine-tuning (no gradient step, no test data).
 
 Example::
 
-    prior = bt.load_prior("priors/fashion-mnist-small-cnn")
+    prior = bt.load_prior("fashion-mnist/small-cnn")
     splits = bt.data.load("mnist_5k", shots_per_class=10, seed=0)
     print(transferability(prior, splits))     # {'logme': ..., 'knn': ..., ...}
 """

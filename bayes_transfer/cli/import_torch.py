@@ -25,7 +25,8 @@ def add_import_parser(subparsers):
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--num-classes", type=int, default=1000,
                    help="head size recorded in the metadata (default: %(default)s)")
-    p.add_argument("--method", default=None, help="source training: supervised or simclr")
+    p.add_argument("--objective", "--method", dest="method", default=None,
+                   help="source objective: supervised or simclr (--method: its old name)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="the reference's prior_scale λ at which to reproduce its density "
                         "(default: %(default)s; the reference's own default was 1e10)")

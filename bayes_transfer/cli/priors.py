@@ -112,8 +112,8 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--registry", default=None,
-                        help="registry file or URL (default: $BAYES_TRANSFER_REGISTRY or the "
-                             "repository's priors/registry.json)")
+                        help="registry file or URL (default: the package's built-in registry "
+                             "merged with those $BAYES_TRANSFER_REGISTRY names)")
     common.add_argument("--cache-dir", default=None,
                         help="download cache (default: $BAYES_TRANSFER_CACHE or "
                              "~/.cache/bayes_transfer/priors)")
@@ -159,8 +159,8 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="artifact directory or packed .tar/.tar.gz")
     p.add_argument("--name", required=True, help="registered name, e.g. fashion-mnist/small-cnn")
     p.add_argument("--registry", default=None,
-                   help="registry file to edit (default: $BAYES_TRANSFER_REGISTRY or "
-                        "priors/registry.json)")
+                   help="registry file to edit (default: the one $BAYES_TRANSFER_REGISTRY "
+                        "names; the package's built-in registry is never edited implicitly)")
     p.add_argument("--model-card", default=None, help="markdown model card (path or URL)")
     p.add_argument("--location", action="append", default=None,
                    help="where users fetch it (path or URL; default PATH); repeat for mirrors")

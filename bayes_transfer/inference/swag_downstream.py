@@ -32,7 +32,7 @@ from bayes_transfer.prior import prior_preconditioner
 from bayes_transfer.swag import SwagConfig, swag_collector, swag_prior
 from bayes_transfer.training import (TrainConfig, TrainResult, fit, map_loss,
                                      refresh_batch_stats, split_model)
-from bayes_transfer.training.optim import scale_by_tree
+from bayes_transfer.training.optim import make_optimizer, scale_by_tree
 
 __all__ = ["ALL_PARAMS_RULE", "SwagDownstreamConfig", "collect_swag", "sample_swag",
            "swag_posterior"]
@@ -78,14 +78,13 @@ class SwagDownstreamConfig:
     progress: bool = True
 
 
-def _optimizer(config: SwagDownstreamConfig, prior, params) -> optax.GradientTransformation:
-    if config.optimizer == "sgd":
-        tx = optax.sgd(config.learning_rate, momentum=config.momentum or None)
-        precond = prior_preconditioner(prior, params) if config.precondition else None
-        return tx if precond is None else optax.chain(scale_by_tree(precond), tx)
-    if config.optimizer == "adam":
-        return optax.adam(config.learning_rate)
-    raise BayesTransferError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'adam'")
+def _optimizer(config: SwagDownstreamConfig, train: TrainConfig, total: int, prior,
+               params) -> optax.GradientTransformation:
+    """``train``'s optimizer, after the prior's diagonal preconditioner for SGD."""
+    tx = make_optimizer(train, total)
+    precond = (prior_preconditioner(prior, params)
+               if config.optimizer == "sgd" and config.precondition else None)
+    return tx if precond is None else optax.chain(scale_by_tree(precond), tx)
 
 
 def collect_swag(model, splits, prior=None, config: SwagDownstreamConfig = SwagDownstreamConfig(),
@@ -105,6 +104,8 @@ def collect_swag(model, splits, prior=None, config: SwagDownstreamConfig = SwagD
     spe = btdata.num_batches(train, config.batch_size)
     every = int(config.every) or spe
     train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size,
+                               optimizer=config.optimizer, learning_rate=config.learning_rate,
+                               momentum=config.momentum, schedule="constant",
                                augment=config.augment, seed=config.seed,
                                progress=config.progress, desc="swag (downstream)")
     total = train_config.total_steps(spe)
@@ -116,7 +117,7 @@ def collect_swag(model, splits, prior=None, config: SwagDownstreamConfig = SwagD
             f"(one every {every}); raise epochs or lower every: SWAG needs at least 2")
     loss_fn = loss_fn or map_loss(n, head_decay=config.head_decay)
     result = fit(model, train, loss_fn, train_config, aux=prior,
-                 optimizer=_optimizer(config, prior, params),
+                 optimizer=_optimizer(config, train_config, total, prior, params),
                  swag=swag_collector(spec, swag_config), params=params)
     return result, spec
 

@@ -78,7 +78,7 @@ import numpy as np
 from flax import nnx
 
 from bayes_transfer import models
-from bayes_transfer.artifact import save_prior
+from bayes_transfer.artifacts import save_prior
 from bayes_transfer.errors import TorchImportError
 from bayes_transfer.interop.torch_layout import (SUPPORTED_ARCHS, ParamMap, ReferenceLayout,
                                                  reference_layout)

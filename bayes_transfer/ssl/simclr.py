@@ -148,13 +148,13 @@ class SimCLRLoss:
     NT-Xent loss of the projections is returned. Labels are ignored. A frozen dataclass,
     so equal settings hash equal and the loop's compiled step is reused across runs.
 
-    ``method = "simclr"`` marks it for ``learn_prior`` (which then wraps a classifier in
+    ``objective = "simclr"`` marks it for ``learn_prior`` (which then wraps a classifier in
     a :class:`SimCLRModel` and reports a linear-probe accuracy).
     """
 
     temperature: float = 0.2
     views: ViewConfig = ViewConfig()
-    method = "simclr"  # a class attribute, not a field
+    objective = "simclr"  # a class attribute, not a field
 
     def __post_init__(self):
         if not self.temperature > 0:

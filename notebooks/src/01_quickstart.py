@@ -24,7 +24,7 @@
 # term) on test error, NLL and calibration.
 
 # %% [markdown]
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/bayes_transfer/blob/main/notebooks/01_quickstart.ipynb)
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/01_quickstart.ipynb)
 
 # %%
 # On Google Colab only: fetch the repository (its priors/ folder holds the published
@@ -35,7 +35,7 @@ import sys
 
 if "google.colab" in sys.modules:
     if not os.path.isdir("/content/bayes_transfer"):
-        # !git clone -q --depth 1 https://github.com/OWNER/bayes_transfer.git /content/bayes_transfer
+        # !git clone -q --depth 1 https://github.com/{REPOSITORY}.git /content/bayes_transfer
         # !pip install -q -e /content/bayes_transfer mlxtend
     # %cd /content/bayes_transfer
     sys.path.insert(0, "/content/bayes_transfer")
@@ -52,9 +52,9 @@ from IPython.display import Image, display
 
 import bayes_transfer as bt
 from bayes_transfer import hub
-from bayes_transfer.plots import reliability_diagram
+from bayes_transfer.evaluation.plots import reliability_diagram
 
-# bayes_transfer.plots renders to files (matplotlib's Agg backend); show figures inline.
+# bayes_transfer.evaluation.plots renders to files (matplotlib's Agg backend); show figures inline.
 # %matplotlib inline
 
 # %%

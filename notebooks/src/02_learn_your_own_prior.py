@@ -24,7 +24,7 @@
 # task** it has never seen (Fashion-MNIST classes 5–9, 10 images per class).
 
 # %% [markdown]
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/bayes_transfer/blob/main/notebooks/02_learn_your_own_prior.ipynb)
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/02_learn_your_own_prior.ipynb)
 
 # %%
 # On Google Colab only: fetch the repository (its priors/ folder holds the published
@@ -35,7 +35,7 @@ import sys
 
 if "google.colab" in sys.modules:
     if not os.path.isdir("/content/bayes_transfer"):
-        # !git clone -q --depth 1 https://github.com/OWNER/bayes_transfer.git /content/bayes_transfer
+        # !git clone -q --depth 1 https://github.com/{REPOSITORY}.git /content/bayes_transfer
         # !pip install -q -e /content/bayes_transfer mlxtend
     # %cd /content/bayes_transfer
     sys.path.insert(0, "/content/bayes_transfer")
@@ -215,7 +215,7 @@ plt.show()
 # ## Publishing
 #
 # To share a prior, pack the directory into one file
-# (`bayes_transfer.artifact.pack_artifact(path, "prior.tar.gz")`), upload it, and
+# (`bayes_transfer.artifacts.pack_artifact(path, "prior.tar.gz")`), upload it, and
 # register the packed file with its URL as `location=`; `bt.load_prior(name)` then
 # downloads it once into a verified cache. The command line does the same:
 # `bayes-transfer learn-prior`, `bayes-transfer priors register`,

@@ -25,7 +25,7 @@
 # encoder of a model that segments garments pasted on a canvas.
 
 # %% [markdown]
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/bayes_transfer/blob/main/notebooks/03_segmentation.ipynb)
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/03_segmentation.ipynb)
 
 # %%
 # On Google Colab only: fetch the repository (its priors/ folder holds the published
@@ -36,7 +36,7 @@ import sys
 
 if "google.colab" in sys.modules:
     if not os.path.isdir("/content/bayes_transfer"):
-        # !git clone -q --depth 1 https://github.com/OWNER/bayes_transfer.git /content/bayes_transfer
+        # !git clone -q --depth 1 https://github.com/{REPOSITORY}.git /content/bayes_transfer
         # !pip install -q -e /content/bayes_transfer mlxtend
     # %cd /content/bayes_transfer
     sys.path.insert(0, "/content/bayes_transfer")

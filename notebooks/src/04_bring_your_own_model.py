@@ -27,7 +27,7 @@
 #    NUTS on a few-shot target task, next to a vague N(0, I) prior.
 
 # %% [markdown]
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/bayes_transfer/blob/main/notebooks/04_bring_your_own_model.ipynb)
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/04_bring_your_own_model.ipynb)
 
 # %%
 # On Google Colab only: fetch the repository (its priors/ folder holds the published
@@ -38,7 +38,7 @@ import sys
 
 if "google.colab" in sys.modules:
     if not os.path.isdir("/content/bayes_transfer"):
-        # !git clone -q --depth 1 https://github.com/OWNER/bayes_transfer.git /content/bayes_transfer
+        # !git clone -q --depth 1 https://github.com/{REPOSITORY}.git /content/bayes_transfer
         # !pip install -q -e /content/bayes_transfer mlxtend
     # %cd /content/bayes_transfer
     sys.path.insert(0, "/content/bayes_transfer")
