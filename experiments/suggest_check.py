@@ -51,7 +51,7 @@ def _check(prior_label, prior, shots, seed, row, config, method, previous):
     if (old.get("variance"), old.get("reinit_top")) == (s.variance, s.reinit_top):
         test, val = old["test"], old["val"]
     else:
-        fconf = finetune_config(tuning, row["learning_rate"], len(splits.train), seed)
+        fconf = finetune_config(tuning, row["learning_rate"], seed)
         model = bt.models.from_prior(prior, splits.train.num_classes, seed=seed)
         res = finetune(model, splits, prior, method, config=s.finetune_config(fconf))
         test, val = res.metrics, res.val_metrics

@@ -157,7 +157,7 @@ def calibrate(val_logits, val_labels, test_logits=None, test_labels=None, *,
             report["test_before"] = metric(test_before, test_labels)
             report["test_after"] = metric(test_after, test_labels)
     if plot_path is not None:
-        from bayes_transfer.evaluation.plots import reliability_diagram
+        from bayes_transfer.evaluation.plots import reliability_diagram  # matplotlib on demand
 
         if test_logits is not None and test_labels is not None:
             before, after, labels, split = test_before, test_after, test_labels, "test"

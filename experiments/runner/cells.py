@@ -28,14 +28,14 @@ def grid(config: dict) -> list[tuple]:
             for seed in config["seeds"] for m in config["methods"]]
 
 
-def finetune_config(tuning: dict, lr: float, num_train: int, seed: int):
+def finetune_config(tuning: dict, lr: float, seed: int):
     """The ``FinetuneConfig`` of one learning rate: ``tuning["steps"]`` optimizer steps."""
-    steps_per_epoch = math.ceil(num_train / tuning["batch_size"])
-    train = bt.TrainConfig(epochs=tuning["steps"] / steps_per_epoch,
-                        batch_size=tuning["batch_size"], optimizer="adam", learning_rate=lr,
-                        schedule="cosine", seed=seed, progress=False, desc="finetune")
+    train = bt.TrainConfig(steps=tuning["steps"], batch_size=tuning["batch_size"],
+                           optimizer="adam", learning_rate=lr, schedule="cosine", seed=seed,
+                           progress=False, desc="finetune")
     return bt.FinetuneConfig(train=train, head_decay=tuning["head_decay"],
-                          variances=tuple(tuning["variances"]), select_by=tuning["select_by"])
+                             variances=tuple(tuning["variances"]),
+                             select_by=tuning["select_by"])
 
 
 def tuned_map(prior, splits, method: str, tuning: dict, seed: int, caches: dict,
@@ -49,7 +49,7 @@ def tuned_map(prior, splits, method: str, tuning: dict, seed: int, caches: dict,
     best, trials = None, []
     for lr in tuning["learning_rates"]:
         model = bt.models.from_prior(prior, splits.train.num_classes, seed=seed)
-        config = dataclasses.replace(finetune_config(tuning, lr, len(splits.train), seed),
+        config = dataclasses.replace(finetune_config(tuning, lr, seed),
                                      **options)
         res = bt.finetune(model, splits, prior, method, config=config,
                        cache=caches.setdefault((lr, cache_key), {}))
