@@ -1,4 +1,4 @@
-"""``bayes-transfer priors ...``: list, show, download, verify and register published priors.
+"""``bayes-transfer priors ...``: list, show, download, verify, register and pack priors.
 
     bayes-transfer priors list                          registered priors and where they are
     bayes-transfer priors show fashion-mnist/small-cnn  the entry and its model card
@@ -6,6 +6,7 @@
     bayes-transfer priors verify                        every registered prior
     bayes-transfer priors verify NAME_OR_PATH ...
     bayes-transfer priors register priors/my-prior --name my/prior --model-card card.md
+    bayes-transfer priors pack priors/my-prior          priors/my-prior.tar.gz, reproducible
     bayes-transfer priors import-torch PREFIX --arch resnet50 --out priors/imagenet-r50
 """
 from __future__ import annotations
@@ -104,6 +105,13 @@ def cmd_register(args) -> None:
           f"in {args.registry or hub.default_registry()}")
 
 
+def cmd_pack(args) -> None:
+    packed = hub.pack_prior(args.dir, args.out, overwrite=args.overwrite)
+    print(f"packed {args.dir} into {packed.path} ({packed.size} bytes)\n"
+          f"  file sha256      {packed.file_sha256}\n"
+          f"  artifact sha256  {packed.sha256}  (what a registry pins)")
+
+
 def add_parsers(subparsers) -> argparse.ArgumentParser:
     """Add ``priors list | show | download | verify | register`` to ``subparsers``.
 
@@ -167,4 +175,13 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--license", default=None)
     p.add_argument("--description", default=None)
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("pack", help="pack an artifact directory into one reproducible .tar.gz",
+                       description="Verify the artifact directory DIR and pack it into one "
+                                   ".tar.gz whose bytes depend only on the artifact (sorted "
+                                   "members, fixed times, owners and modes), ready to upload.")
+    p.add_argument("dir", metavar="DIR", help="artifact directory (metadata.json, arrays/)")
+    p.add_argument("--out", default=None, help="packed file (default: DIR.tar.gz)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_pack)
     return priors

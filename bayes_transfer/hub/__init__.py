@@ -6,20 +6,21 @@
         print(entry.name, entry.description)
 
 Modules: :mod:`.api` (load_prior, download, verify, list_priors, status, show,
-register_prior), :mod:`.registry` (registries: the built-in one, the user's, merging,
+register_prior), :mod:`.publish` (pack_prior, publish_prior), :mod:`.registry` (registries: the built-in one, the user's, merging,
 writing) and :mod:`.fetch` (URLs, the download cache, verified atomic downloads).
 """
 from bayes_transfer.hub.api import (download, list_priors, load_prior, register_prior, show,
                                     status, verify)
 from bayes_transfer.hub.fetch import (DEFAULT_TIMEOUT, ENV_CACHE, ENV_OFFLINE,
                                       default_cache_dir)
+from bayes_transfer.hub.publish import PackedArtifact, pack_prior
 from bayes_transfer.hub.registry import (BUILTIN_REGISTRY, DEFAULT_REGISTRY, ENV_REGISTRY,
                                          REGISTRY_FORMAT, REGISTRY_VERSION, Registry,
                                          RegistryEntry, default_registries, default_registry,
                                          load_registry)
 
 __all__ = ["load_prior", "download", "verify", "list_priors", "show", "status",
-           "register_prior", "load_registry", "default_registry", "default_registries",
+           "register_prior", "pack_prior", "PackedArtifact", "load_registry", "default_registry", "default_registries",
            "Registry", "RegistryEntry", "default_cache_dir", "BUILTIN_REGISTRY",
            "DEFAULT_REGISTRY", "REGISTRY_FORMAT", "REGISTRY_VERSION", "ENV_REGISTRY",
            "ENV_CACHE", "ENV_OFFLINE", "DEFAULT_TIMEOUT"]

@@ -1,0 +1,108 @@
+"""Helpers of the publishing and Hugging Face tests: a small saved prior, and an HTTP
+server on 127.0.0.1 (a thread, port 0) whose routes can misbehave on request."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from bayes_transfer.artifacts import save_prior
+from bayes_transfer.params import ParamSpec
+from bayes_transfer.prior import Prior
+from bayes_transfer.hub import pack_prior
+
+METADATA = {"architecture": {"arch": "small_cnn", "num_classes": 3, "in_channels": 1},
+            "source": {"dataset": "toy", "split": "train", "method": "supervised"},
+            "recommended_scale": [0.1, 10.0]}
+
+
+def toy_params():
+    return {"backbone": {"conv": {"kernel": np.zeros((3, 3, 1, 2), np.float32),
+                                  "bias": np.zeros((2,), np.float32)}},
+            "head": {"kernel": np.zeros((2, 3), np.float32), "bias": np.zeros((3,), np.float32)}}
+
+
+class Toy:
+    """A small low-rank prior saved as a directory (``dir``) and packed (``packed``)."""
+
+    def __init__(self, root: Path, seed: int = 0):
+        spec = ParamSpec.from_params(toy_params())
+        k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+        d = spec.size
+        self.prior = Prior.lowrank(spec, jax.random.normal(k1, (d,)),
+                                   np.exp(jax.random.normal(k2, (d,)) - 2.0),
+                                   0.1 * jax.random.normal(k3, (3, d)), scale=2.0 + seed,
+                                   floor=1e-4)
+        self.dir = save_prior(self.prior, root / f"toy-{seed}", metadata=METADATA)
+        packed = pack_prior(self.dir)
+        self.packed, self.size, self.sha256 = packed.path, packed.size, packed.sha256
+        self.data = self.packed.read_bytes()
+        self.file_sha256 = hashlib.sha256(self.data).hexdigest()
+
+
+def assert_same_prior(a: Prior, b: Prior):
+    assert (a.kind, a.spec) == (b.kind, b.spec)
+    for name in ("mean", "var", "deviations", "scale", "floor"):
+        x, y = np.asarray(getattr(a, name)), np.asarray(getattr(b, name))
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+
+
+def write_registry(path: Path, entries: dict) -> Path:
+    path.write_text(json.dumps({"format": "bayes_transfer.registry", "format_version": 1,
+                                "priors": entries}, indent=2))
+    return path
+
+
+class Server:
+    """An HTTP server on 127.0.0.1. ``handler(request) -> bool`` functions in
+    ``handlers`` are asked in order; the first that returns True has answered. Every
+    request is logged in ``requests`` as ``(method, path, headers)``."""
+
+    def __init__(self):
+        self.handlers = []
+        self.requests: list[tuple[str, str, dict]] = []
+        self.routes: dict[str, bytes] = {}        # plain files: path -> body
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _handle(self):
+                server.requests.append((self.command, self.path, dict(self.headers)))
+                for handler in server.handlers:
+                    if handler(self):
+                        return
+                body = server.routes.get(self.path)
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = _handle  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
