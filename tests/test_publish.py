@@ -3,9 +3,13 @@ entries (mirrors under the one publishing base URL), `priors publish`."""
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import json
 import os
+import re
 import shutil
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +18,7 @@ from bayes_transfer.artifacts import read_metadata, read_prior
 from bayes_transfer.artifacts.tar import created_epoch
 from bayes_transfer.cli import main as cli_main
 
-from prior_server import Toy, assert_same_prior
+from prior_server import Server, Toy, assert_same_prior, write_registry
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +86,80 @@ def test_pack_cli(toy, tmp_path, capsys):
     assert (tmp_path / "x.tar.gz").read_bytes() == toy.data
     assert cli_main(["priors", "pack", str(tmp_path / "nothing-here")]) == 2
     assert "not an artifact directory" in capsys.readouterr().err
+
+
+# ====================================================================== published entries
+REPO_REGISTRY = Path(__file__).resolve().parents[1] / "priors" / "registry.json"
+NOTEBOOK_BUILD = Path(__file__).resolve().parents[1] / "notebooks" / "build.py"
+
+
+@pytest.fixture(scope="module")
+def repo_packed(tmp_path_factory):
+    """{name: PackedArtifact} of the repository registry's priors, packed from their
+    local directories (the first location)."""
+    reg = hub.load_registry(REPO_REGISTRY)
+    out = tmp_path_factory.mktemp("repo-packed")
+    return {name: hub.pack_prior(e.locations[0], out / Path(e.locations[0]).with_suffix(
+        ".tar.gz").name) for name, e in reg.entries.items()}
+
+
+def test_publish_base_url_is_one_constant():
+    assert hub.PUBLISH_BASE_URL.startswith("https://") and hub.PUBLISH_BASE_URL.endswith("/")
+    assert hub.published_url("a-b.tar.gz") == hub.PUBLISH_BASE_URL + "a-b.tar.gz"
+    assert hub.published_url("x.tar.gz", "http://127.0.0.1:9/p") == "http://127.0.0.1:9/p/x.tar.gz"
+    # the notebooks' repository address and the publishing base move together
+    spec = importlib.util.spec_from_file_location("notebooks_build", NOTEBOOK_BUILD)
+    if spec is None or not NOTEBOOK_BUILD.is_file():
+        pytest.skip("no notebooks/build.py")
+    text = NOTEBOOK_BUILD.read_text()
+    repository = re.search(r'^REPOSITORY = "([^"]+)"', text, re.M).group(1)
+    assert f"/{repository}/" in hub.PUBLISH_BASE_URL, \
+        "PUBLISH_BASE_URL and notebooks/build.py's REPOSITORY name different homes"
+
+
+def test_repository_priors_are_packed_files_under_the_publishing_base(repo_packed):
+    reg = hub.load_registry(REPO_REGISTRY)
+    assert len(reg.entries) >= 2
+    for name, entry in reg.entries.items():
+        local, *mirrors = entry.locations
+        assert Path(local).is_dir() and Path(local).parent == REPO_REGISTRY.parent, name
+        urls = [m for m in mirrors if m.startswith(("https://", "http://", "hf://"))]
+        assert urls, f"{name} has no download location"
+        published = [u for u in urls if u.startswith(hub.PUBLISH_BASE_URL)]
+        assert published == [hub.published_url(Path(local).name + ".tar.gz")], name
+        packed = repo_packed[name]
+        # the pins are what the hub checks: the artifact digest, and the packed size
+        assert entry.sha256 == packed.sha256 == read_metadata(local)["sha256"], name
+        assert entry.size == packed.size, f"{name}: re-pack and update 'size'"
+
+
+def test_repository_priors_download_from_their_mirror(repo_packed, tmp_path):
+    """Without the local directories (a pip user), each prior is fetched from its URL on
+    first use, verified and cached; then it loads offline."""
+    server = Server()
+    try:
+        doc = json.loads(REPO_REGISTRY.read_text())
+        for name, raw in doc["priors"].items():
+            url = [u for u in raw["locations"] if u.startswith(hub.PUBLISH_BASE_URL)][0]
+            path = "/releases/" + url[len(hub.PUBLISH_BASE_URL):]
+            server.routes[path] = repo_packed[name].path.read_bytes()
+            raw["location"] = "not-here/" + raw["location"]           # no local copy
+            raw["locations"] = [server.base + "/missing/x.tar.gz", server.base + path]
+            raw["model_card"] = None
+        registry = write_registry(tmp_path / "registry.json", doc["priors"])
+        cache = tmp_path / "cache"
+        for name in doc["priors"]:
+            state, _ = hub.status(hub.load_registry(registry).entries[name], cache_dir=cache)
+            assert state == "remote"
+            prior = hub.load_prior(name, registry=registry, cache_dir=cache)
+            local = read_prior(REPO_REGISTRY.parent / doc["priors"][name]["location"][9:])
+            assert_same_prior(prior, local)
+        gets = [r for r in server.requests if r[0] == "GET"]
+        assert len(gets) == 2 * len(doc["priors"])         # the dead mirror, then the good one
+        assert sorted(p.name for p in cache.iterdir()) == \
+            sorted(e["sha256"] for e in doc["priors"].values())
+        for name in doc["priors"]:                          # warm cache: no network at all
+            hub.load_prior(name, registry=registry, cache_dir=cache, offline=True)
+        assert len(server.requests) == len(gets)
+    finally:
+        server.close()

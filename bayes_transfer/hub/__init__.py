@@ -15,12 +15,13 @@ from bayes_transfer.hub.fetch import (DEFAULT_TIMEOUT, ENV_CACHE, ENV_OFFLINE,
                                       default_cache_dir)
 from bayes_transfer.hub.publish import PackedArtifact, pack_prior
 from bayes_transfer.hub.registry import (BUILTIN_REGISTRY, DEFAULT_REGISTRY, ENV_REGISTRY,
-                                         REGISTRY_FORMAT, REGISTRY_VERSION, Registry,
-                                         RegistryEntry, default_registries, default_registry,
-                                         load_registry)
+                                         PUBLISH_BASE_URL, REGISTRY_FORMAT, REGISTRY_VERSION,
+                                         Registry, RegistryEntry, default_registries,
+                                         default_registry, load_registry, published_url)
 
 __all__ = ["load_prior", "download", "verify", "list_priors", "show", "status",
-           "register_prior", "pack_prior", "PackedArtifact", "load_registry", "default_registry", "default_registries",
-           "Registry", "RegistryEntry", "default_cache_dir", "BUILTIN_REGISTRY",
-           "DEFAULT_REGISTRY", "REGISTRY_FORMAT", "REGISTRY_VERSION", "ENV_REGISTRY",
-           "ENV_CACHE", "ENV_OFFLINE", "DEFAULT_TIMEOUT"]
+           "register_prior", "pack_prior", "PackedArtifact", "load_registry",
+           "default_registry", "default_registries", "Registry", "RegistryEntry",
+           "default_cache_dir", "published_url", "BUILTIN_REGISTRY", "DEFAULT_REGISTRY",
+           "REGISTRY_FORMAT", "REGISTRY_VERSION", "ENV_REGISTRY", "ENV_CACHE", "ENV_OFFLINE",
+           "DEFAULT_TIMEOUT", "PUBLISH_BASE_URL"]

@@ -45,7 +45,8 @@ from bayes_transfer.hub.fetch import (DEFAULT_TIMEOUT, OFFLINE_HINT, cache_path,
                                       is_file_url, is_http, offline_mode, open_url, url_key)
 
 __all__ = ["REGISTRY_FORMAT", "REGISTRY_VERSION", "BUILTIN_REGISTRY", "DEFAULT_REGISTRY",
-           "ENV_REGISTRY", "ENTRY_FIELDS", "RegistryEntry", "Registry", "valid_name",
+           "ENV_REGISTRY", "PUBLISH_BASE_URL", "ENTRY_FIELDS", "RegistryEntry", "Registry",
+           "valid_name", "published_url",
            "default_registries", "default_registry", "load_registry", "parse_registry",
            "registry_json", "writable_registry_file", "relative_location", "write_registry"]
 
@@ -56,6 +57,10 @@ BUILTIN_REGISTRY = Path(__file__).resolve().parent / "registry.json"
 #: Old name of :data:`BUILTIN_REGISTRY` (it was the repository's ``priors/registry.json``).
 DEFAULT_REGISTRY = BUILTIN_REGISTRY
 ENV_REGISTRY = "BAYES_TRANSFER_REGISTRY"
+#: Where the project publishes its packed priors until it has its public home: the one
+#: place to change. A published prior is ``PUBLISH_BASE_URL + "<name>.tar.gz"``
+#: (:func:`published_url`); ``bayes-transfer priors publish`` writes such locations.
+PUBLISH_BASE_URL = "https://github.com/OWNER/bayes_transfer/releases/download/priors/"
 #: The fields of an entry, in the order a registry file lists them.
 ENTRY_FIELDS = ("location", "locations", "sha256", "size", "architecture", "source", "method",
                 "license", "recommended_scale", "model_card", "description", "kind", "dim",
@@ -149,6 +154,18 @@ def _unknown_message(name: str, reg: Registry, ref_is_path: bool) -> str:
     if ref_is_path:
         msg += f"; no file or directory exists at {name!r} either"
     return msg + "."
+
+
+def published_url(file_name: str, base: str | None = None) -> str:
+    """The URL of the packed prior ``file_name`` under ``base`` (default
+    :data:`PUBLISH_BASE_URL`)."""
+    base = PUBLISH_BASE_URL if base is None else base
+    if not is_http(base):
+        raise RegistryError(f"the publishing base must be an https:// or http:// URL, got "
+                            f"{base!r}")
+    if not file_name or "/" in file_name:
+        raise RegistryError(f"a published file name has no '/', got {file_name!r}")
+    return base.rstrip("/") + "/" + urllib.parse.quote(file_name)
 
 
 def valid_name(name) -> bool:
