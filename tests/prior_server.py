@@ -106,3 +106,91 @@ class Server:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
+
+
+class FakeHub:
+    """The part of the Hugging Face Hub that ``hf_hub_download`` uses, on a ``Server``:
+    ``HEAD``/``GET {base}/{repo_id}/resolve/{revision}/{filename}`` with the headers it
+    reads (``X-Repo-Commit``, ``ETag``, ``Content-Length``, ``X-Error-Code`` on errors)
+    and byte ranges (``Range: bytes=N-``, answered 206) for resumed downloads.
+
+    ``add(repo_id, files, branch="main")`` makes a commit and returns its hash.
+    ``cut_after``: the next GET of a file sends only that many bytes, then closes the
+    connection; ``after_cut`` is then ``"resume"`` (later GETs are served) or
+    ``"fail"`` (later requests get HTTP 500, a server that went away).
+    """
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.repos: dict[str, dict] = {}
+        self.cut_after: int | None = None
+        self.after_cut = "fail"
+        self.cut_done = False
+        server.handlers.append(self._handle)
+
+    def add(self, repo_id: str, files: dict[str, bytes], branch: str = "main") -> str:
+        repo = self.repos.setdefault(repo_id, {"refs": {}, "commits": {}})
+        parent = repo["commits"].get(repo["refs"].get(branch), {})
+        content = {**parent, **files}
+        commit = hashlib.sha1(json.dumps([repo_id, len(repo["commits"]), sorted(
+            (k, hashlib.sha256(v).hexdigest()) for k, v in content.items())]).encode()).hexdigest()
+        repo["commits"][commit] = content
+        repo["refs"][branch] = commit
+        return commit
+
+    @property
+    def file_requests(self) -> list[tuple[str, str]]:
+        return [(m, p) for m, p, _ in self.server.requests if "/resolve/" in p]
+
+    def _error(self, req, status: int, code: str | None, commit: str | None = None):
+        req.send_response(status)
+        if code:
+            req.send_header("X-Error-Code", code)
+        if commit:
+            req.send_header("X-Repo-Commit", commit)
+        req.send_header("Content-Length", "0")
+        req.end_headers()
+        return True
+
+    def _handle(self, req) -> bool:
+        from urllib.parse import unquote
+
+        path = req.path.split("?", 1)[0]
+        if "/resolve/" not in path:
+            return False
+        if self.cut_done and self.after_cut == "fail":
+            return self._error(req, 500, None)
+        repo_id, rest = path.lstrip("/").split("/resolve/", 1)
+        revision, _, filename = rest.partition("/")
+        revision, filename = unquote(revision), unquote(filename)
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return self._error(req, 404, "RepoNotFound")
+        commit = repo["refs"].get(revision, revision)
+        if commit not in repo["commits"]:
+            return self._error(req, 404, "RevisionNotFound")
+        body = repo["commits"][commit].get(filename)
+        if body is None:
+            return self._error(req, 404, "EntryNotFound", commit)
+        start = 0
+        rng = req.headers.get("Range")
+        if rng and req.command == "GET":
+            start = int(rng.split("=", 1)[1].split("-", 1)[0])
+        req.send_response(206 if start else 200)
+        req.send_header("X-Repo-Commit", commit)
+        req.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+        req.send_header("Content-Type", "application/octet-stream")
+        req.send_header("Content-Length", str(len(body) - start))
+        if start:
+            req.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        req.end_headers()
+        if req.command == "HEAD":
+            return True
+        if self.cut_after is not None and not self.cut_done:
+            self.cut_done = True
+            req.wfile.write(body[start:start + self.cut_after])
+            req.wfile.flush()
+            req.close_connection = True
+            return True
+        req.wfile.write(body[start:])
+        return True

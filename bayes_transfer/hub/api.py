@@ -5,10 +5,12 @@
     prior = hub.load_prior("priors/my-prior")                  # an artifact directory
     prior = hub.load_prior("my-prior.tar.gz")                  # a packed artifact
     prior = hub.load_prior("https://example.org/p.tar.gz", sha256="3f1c...")   # a URL
+    prior = hub.load_prior("hf://my-lab/my-prior@5e2d...")     # Hugging Face, a revision
     params = prior.init_params(nnx.state(model, nnx.Param))    # like pretrained weights
 
 A ``ref`` is resolved in this order: an ``http://`` / ``https://`` URL of a packed
-artifact (downloaded into the cache, :mod:`.fetch`); a ``file://`` URL or an existing
+artifact or an ``hf://OWNER/REPO[@REVISION][/PATH]`` Hugging Face reference
+(downloaded into the cache, :mod:`.fetch`, :mod:`.hf`); a ``file://`` URL or an existing
 local path (an artifact directory or a ``.tar`` / ``.tar.gz`` file, loaded in place);
 otherwise a name looked up in the registries (:mod:`.registry`). A cache hit makes no
 network access; offline mode (``offline=True`` or ``BAYES_TRANSFER_OFFLINE=1``) never
@@ -30,7 +32,8 @@ from bayes_transfer.errors import (ArtifactError, ArtifactVersionError, Checksum
                                    HubError, OfflineModeError, RegistryError)
 from bayes_transfer.hub.fetch import (DEFAULT_TIMEOUT, ENV_OFFLINE, OFFLINE_HINT, cache_path,
                                       download_any, file_url_path, is_file_url, is_http,
-                                      offline_mode, url_key)
+                                      is_remote, offline_mode, offline_reason, url_key)
+from bayes_transfer.hub.hf import ENV_HF_OFFLINE, is_hf, parse_hf
 from bayes_transfer.hub.registry import (ENTRY_FIELDS, REGISTRY_FORMAT, REGISTRY_VERSION,
                                          Registry, RegistryEntry, load_registry,
                                          parse_registry, registry_json, relative_location,
@@ -69,15 +72,18 @@ def _resolve(ref, *, offline, cache_dir, registry, sha256, timeout, progress) ->
         return _Resolved(Path(ref).expanduser(), expected, False, os.fspath(ref))
     if not isinstance(ref, str) or not ref.strip():
         raise HubError(f"a prior ref is a registered name, a path or a URL; got {ref!r}")
-    if is_http(ref):
+    if is_remote(ref):
+        if is_hf(ref):
+            parse_hf(ref)                # malformed: a clear error before anything else
         key = expected or url_key(ref)
         hit = cache / key
         if hit.is_dir():
             return _Resolved(hit, expected, True, ref)
-        if offline:
-            raise OfflineModeError(f"{OFFLINE_HINT}, and {ref} is not in the cache ({hit}); "
-                                   f"download it once with network access, or unset "
-                                   f"{ENV_OFFLINE}")
+        reason = offline_reason(ref, offline)
+        if reason:
+            switch = ENV_OFFLINE if offline else ENV_HF_OFFLINE
+            raise OfflineModeError(f"{reason}, and {ref} is not in the cache ({hit}); "
+                                   f"download it once with network access, or unset {switch}")
         path = download_any([ref], key=key, expected=expected, size=None, cache=cache,
                             timeout=timeout, progress=progress, label=ref)
         return _Resolved(path, expected, True, ref)
@@ -85,8 +91,8 @@ def _resolve(ref, *, offline, cache_dir, registry, sha256, timeout, progress) ->
         return _Resolved(file_url_path(ref), expected, False, ref)
     scheme = urllib.parse.urlsplit(ref).scheme
     if "://" in ref and len(scheme) > 1:
-        raise HubError(f"unsupported URL scheme {scheme!r} in {ref!r}: use https://, http:// "
-                       f"or file://")
+        raise HubError(f"unsupported URL scheme {scheme!r} in {ref!r}: use https://, http://, "
+                       f"hf:// or file://")
     path = Path(ref).expanduser()
     if path.exists():
         return _Resolved(path, expected, False, ref)
@@ -105,8 +111,8 @@ def _resolve_entry(entry: RegistryEntry, reg: Registry, expected: str | None, *,
             f"{source} pins {entry.sha256}; drop the sha256 argument to get the "
             f"registered artifact, or use a registry that lists the one you want")
     expected = expected or entry.sha256
-    local = [loc for loc in entry.locations if not is_http(loc)]
-    remote = [loc for loc in entry.locations if is_http(loc)]
+    local = [loc for loc in entry.locations if not is_remote(loc)]
+    remote = [loc for loc in entry.locations if is_remote(loc)]
     for loc in local:
         path = file_url_path(loc) if is_file_url(loc) else Path(loc)
         if path.exists():
@@ -125,12 +131,14 @@ def _resolve_entry(entry: RegistryEntry, reg: Registry, expected: str | None, *,
     hit = cache / expected
     if hit.is_dir():
         return _Resolved(hit, expected, True, entry.name, entry)
-    if offline:
+    reachable = [loc for loc in remote if offline_reason(loc, offline) is None]
+    if not reachable:
+        switch = ENV_OFFLINE if offline else ENV_HF_OFFLINE
         raise OfflineModeError(
-            f"{OFFLINE_HINT}, and prior {entry.name!r} is not in the cache ({hit}); run "
-            f"`bayes-transfer priors download {entry.name}` once with network access, or "
-            f"unset {ENV_OFFLINE}")
-    path = download_any(remote, key=expected, expected=expected, size=entry.size, cache=cache,
+            f"{offline_reason(remote[0], offline)}, and prior {entry.name!r} is not in the "
+            f"cache ({hit}); run `bayes-transfer priors download {entry.name}` once with "
+            f"network access, or unset {switch}")
+    path = download_any(reachable, key=expected, expected=expected, size=entry.size, cache=cache,
                         timeout=timeout, progress=progress, label=entry.name)
     return _Resolved(path, expected, True, entry.name, entry)
 
@@ -273,11 +281,11 @@ def list_priors(*, registry=None, offline: bool | None = None, cache_dir=None,
 def status(entry: RegistryEntry, *, cache_dir=None) -> tuple[str, Path | None]:
     """(state, local path): ``local`` / ``cached`` / ``remote`` / ``missing``; no network."""
     for loc in entry.locations:
-        if not is_http(loc):
+        if not is_remote(loc):
             path = file_url_path(loc) if is_file_url(loc) else Path(loc)
             if path.exists():
                 return "local", path
-    if any(is_http(loc) for loc in entry.locations):
+    if any(is_remote(loc) for loc in entry.locations):
         if entry.sha256 is not None and (cache_path(cache_dir) / entry.sha256).is_dir():
             return "cached", cache_path(cache_dir) / entry.sha256
         return "remote", None
@@ -348,9 +356,9 @@ def register_prior(path, name: str, *, registry=None, location=None, model_card=
         locations = [relative_location(artifact_path, base)]
     else:
         locations = [location] if isinstance(location, (str, os.PathLike)) else list(location)
-        locations = [loc if is_http(os.fspath(loc)) or is_file_url(os.fspath(loc))
+        locations = [loc if is_remote(loc) or is_file_url(loc)
                      else relative_location(Path(loc), base) for loc in map(os.fspath, locations)]
-    if any(is_http(loc) for loc in locations) and not packed:
+    if any(is_remote(loc) for loc in locations) and not packed:
         raise RegistryError(
             f"a URL location serves a packed artifact, but {artifact_path} is a directory: "
             f"pack it (bayes_transfer.artifacts.pack_artifact(dir, 'prior.tar.gz')), upload "

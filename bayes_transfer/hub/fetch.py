@@ -3,7 +3,8 @@
 Downloads go to ``$BAYES_TRANSFER_CACHE`` (default ``~/.cache/bayes_transfer/priors``),
 one unpacked artifact directory per entry, named by the pinned sha256 (or
 ``url-<hash of the URL>`` for an unpinned URL). A download streams into a hidden
-temporary file of the cache directory and checks its size; the file is then unpacked
+scratch directory of the cache (an http(s) URL with ``urllib``, an ``hf://`` reference
+with ``huggingface_hub``, :mod:`.hf`) and checks its size; the file is then unpacked
 and verified (every file digest, then the pinned sha256) into a hidden temporary
 directory that is moved into place only when all checks passed
 (:func:`bayes_transfer.fsutil.atomic_write`). On any failure or interruption the
@@ -31,10 +32,11 @@ from bayes_transfer.artifacts import read_metadata, unpack_artifact
 from bayes_transfer.errors import (ArtifactError, ArtifactIntegrityError, ArtifactVersionError,
                                    ChecksumMismatchError, DownloadError, HubError)
 from bayes_transfer.fsutil import atomic_write
+from bayes_transfer.hub.hf import ENV_HF_OFFLINE, hf_download, hf_offline, is_hf, parse_hf
 
 __all__ = ["ENV_CACHE", "ENV_OFFLINE", "DEFAULT_TIMEOUT", "OFFLINE_HINT", "default_cache_dir",
-           "cache_path", "offline_mode", "is_http", "is_file_url", "file_url_path", "url_key",
-           "open_url", "download_any"]
+           "cache_path", "offline_mode", "offline_reason", "is_http", "is_remote", "is_file_url",
+           "file_url_path", "url_key", "open_url", "download_any"]
 
 ENV_CACHE = "BAYES_TRANSFER_CACHE"
 ENV_OFFLINE = "BAYES_TRANSFER_OFFLINE"
@@ -73,6 +75,22 @@ def offline_mode(offline: bool | None) -> bool:
 
 def is_http(s: str) -> bool:
     return urllib.parse.urlsplit(s).scheme.lower() in ("http", "https")
+
+
+def is_remote(s: str) -> bool:
+    """Whether ``s`` is downloaded: an http(s) URL or an ``hf://`` reference."""
+    return is_http(s) or is_hf(s)
+
+
+def offline_reason(location: str, offline: bool) -> str | None:
+    """Why ``location`` may not be downloaded now (a sentence), or None if it may:
+    offline mode, or ``$HF_HUB_OFFLINE`` for an ``hf://`` reference."""
+    if offline:
+        return OFFLINE_HINT
+    if is_hf(location) and hf_offline():
+        return (f"{ENV_HF_OFFLINE} is set, so nothing is downloaded from the Hugging Face "
+                f"Hub")
+    return None
 
 
 def is_file_url(s: str) -> bool:
@@ -201,7 +219,10 @@ def _remove_stale(cache: Path) -> None:
 
 def _download(url: str, *, key: str, expected: str | None, size: int | None, cache: Path,
               timeout: float, progress, label: str) -> Path:
-    """Download, unpack and verify ``url`` into ``cache/key`` atomically; return that path."""
+    """Download, unpack and verify ``url`` (http(s) or hf://) into ``cache/key``
+    atomically; return that path."""
+    if is_hf(url):
+        parse_hf(url)                   # a malformed reference fails before any I/O
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -209,13 +230,21 @@ def _download(url: str, *, key: str, expected: str | None, size: int | None, cac
                        f"cache_dir= to a writable directory") from None
     _remove_stale(cache)
     dest = cache / key
-    # The packed file is scratch (read once, then deleted): a plain temporary file.
-    fd, name = tempfile.mkstemp(prefix=f"{_DOWNLOAD_PREFIX}{key[:20]}-", suffix=".partial",
-                                dir=cache)
-    packed = Path(name)
+    # The packed file is scratch (read once, then deleted), in a hidden directory of the
+    # cache that is removed whatever happens.
+    scratch = Path(tempfile.mkdtemp(prefix=f"{_DOWNLOAD_PREFIX}{key[:20]}-", dir=cache))
     try:
-        with os.fdopen(fd, "wb") as out:
-            _fetch(url, out, size=size, timeout=timeout, progress=progress, label=label)
+        if is_hf(url):
+            packed = hf_download(parse_hf(url), scratch, timeout=timeout)
+            got = packed.stat().st_size
+            if size is not None and got != size:
+                raise DownloadError(
+                    f"{url} is {got} bytes but the registry lists size {size}: it is not the "
+                    f"registered file (or the registry entry is stale); nothing was kept")
+        else:
+            packed = scratch / "packed"
+            with open(packed, "wb") as out:
+                _fetch(url, out, size=size, timeout=timeout, progress=progress, label=label)
         try:
             with atomic_write(dest, directory=True, overwrite=False) as stage:
                 _unpack_verified(packed, stage, url=url, expected=expected, label=label)
@@ -223,7 +252,7 @@ def _download(url: str, *, key: str, expected: str | None, size: int | None, cac
             if not dest.is_dir():       # not a concurrent download that finished first
                 raise
     finally:
-        packed.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return dest
 
 
@@ -253,8 +282,8 @@ def _unpack_verified(packed: Path, stage: Path, *, url: str, expected: str | Non
 
 
 def download_any(urls, *, key, expected, size, cache, timeout, progress, label) -> Path:
-    """Try each URL (the location, then the mirrors) until one gives a verified artifact
-    in ``cache/key``; return that path."""
+    """Try each URL or hf:// reference (the location, then the mirrors) until one gives a
+    verified artifact in ``cache/key``; return that path."""
     errors: list[HubError] = []
     for url in urls:
         try:

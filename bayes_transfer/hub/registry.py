@@ -5,7 +5,8 @@ A registry is a JSON file (or an http(s) URL of one, or a dict)::
     {"format": "bayes_transfer.registry", "format_version": 1,
      "priors": {
        "fashion-mnist/small-cnn": {
-         "location": "priors/fashion-mnist-small-cnn",  # path relative to the registry, or URL
+         "location": "priors/fashion-mnist-small-cnn",  # path relative to the registry, URL,
+                                                         # or hf://OWNER/REPO@REVISION/PATH
          "locations": ["https://mirror/..."],      # optional mirrors, tried in order
          "sha256": "<metadata['sha256'] of the artifact>",   # null until registered
          "size": 123456,              # bytes of the packed file (URL locations)
@@ -38,11 +39,12 @@ import warnings
 from pathlib import Path
 from typing import Mapping
 
-from bayes_transfer.errors import (DownloadError, OfflineModeError, RegistryError,
+from bayes_transfer.errors import (DownloadError, HubError, OfflineModeError, RegistryError,
                                    UnknownPriorError)
 from bayes_transfer.fsutil import atomic_write, write_text
 from bayes_transfer.hub.fetch import (DEFAULT_TIMEOUT, OFFLINE_HINT, cache_path, file_url_path,
                                       is_file_url, is_http, offline_mode, open_url, url_key)
+from bayes_transfer.hub.hf import is_hf, parse_hf
 
 __all__ = ["REGISTRY_FORMAT", "REGISTRY_VERSION", "BUILTIN_REGISTRY", "DEFAULT_REGISTRY",
            "ENV_REGISTRY", "PUBLISH_BASE_URL", "ENTRY_FIELDS", "RegistryEntry", "Registry",
@@ -149,8 +151,9 @@ def _unknown_message(name: str, reg: Registry, ref_is_path: bool) -> str:
         msg += f" Known priors (registry {reg.source}): {', '.join(names)}."
     else:
         msg += f" The registry {reg.source} lists no priors."
-    msg += (" A ref can also be a local artifact directory, a .tar/.tar.gz file, or an "
-            "https://, http:// or file:// URL")
+    msg += (" A ref can also be a local artifact directory, a .tar/.tar.gz file, an "
+            "https://, http:// or file:// URL, or an hf://OWNER/REPO[@REVISION][/PATH] "
+            "reference")
     if ref_is_path:
         msg += f"; no file or directory exists at {name!r} either"
     return msg + "."
@@ -324,6 +327,14 @@ def _parse_entry(name, raw, base, source) -> RegistryEntry:
     locs += [loc for loc in extra if loc not in locs]
     if not locs or not all(isinstance(loc, str) and loc for loc in locs):
         raise bad("needs a 'location' (a path relative to the registry, or a URL)")
+    for loc in filter(is_hf, locs):
+        try:
+            ref = parse_hf(loc)
+        except HubError as e:
+            raise bad(str(e)) from None
+        if ref.revision is None:
+            raise bad(f"{loc!r} names no revision: pin it to the commit that holds the file "
+                      f"(hf://{ref.repo_id}@<commit hash>/{ref.filename})")
     sha = raw.get("sha256")
     if sha is not None and (not isinstance(sha, str) or not _SHA256_HEX.match(sha.lower())):
         raise bad(f"'sha256' must be the artifact's 64-digit hex digest or null, got {sha!r}")
@@ -347,7 +358,7 @@ def _parse_entry(name, raw, base, source) -> RegistryEntry:
 
 def _resolve_location(loc: str, base) -> str:
     scheme = urllib.parse.urlsplit(loc).scheme.lower()
-    if scheme in ("http", "https", "file"):
+    if scheme in ("http", "https", "file") or is_hf(loc):
         return loc
     if isinstance(base, str):                      # the registry itself is at a URL
         return urllib.parse.urljoin(base, loc)
