@@ -16,9 +16,11 @@ import pytest
 from bayes_transfer import hub
 from bayes_transfer.artifacts import read_metadata, read_prior
 from bayes_transfer.artifacts.tar import created_epoch
+from bayes_transfer import errors as hub_errors
 from bayes_transfer.cli import main as cli_main
+from bayes_transfer.errors import HubError
 
-from prior_server import Server, Toy, assert_same_prior, write_registry
+from prior_server import FakeHub, Server, Toy, assert_same_prior, write_registry
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +165,146 @@ def test_repository_priors_download_from_their_mirror(repo_packed, tmp_path):
         assert len(server.requests) == len(gets)
     finally:
         server.close()
+
+
+# ====================================================================== publish
+@pytest.fixture
+def mine(toy, tmp_path):
+    """A copy of the toy artifact at tmp/my-prior with its model card tmp/my-prior.md."""
+    src = shutil.copytree(toy.dir, tmp_path / "my-prior")
+    (tmp_path / "my-prior.md").write_text("# my prior\n\nLearned on toy data.\n")
+    return src
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def test_publish_without_upload_registers_the_base_url(toy, mine, tmp_path, server, capsys):
+    registry = tmp_path / "reg" / "registry.json"
+    code = cli_main(["priors", "publish", str(mine), "--name", "me/my-prior", "--registry",
+                     str(registry), "--base-url", server.base + "/dl/", "--license", "MIT"])
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    packed = tmp_path / "me-my-prior.tar.gz"                    # NAME, '/' as '-'
+    assert packed.read_bytes() == toy.data
+    assert "nothing was uploaded" in out and str(packed) in out
+    raw = json.loads(registry.read_text())["priors"]["me/my-prior"]
+    assert raw["location"] == server.base + "/dl/me-my-prior.tar.gz"
+    assert (raw["sha256"], raw["size"], raw["license"]) == (toy.sha256, toy.size, "MIT")
+    assert (registry.parent / raw["model_card"]).resolve() == (tmp_path / "my-prior.md").resolve()
+    with pytest.raises(hub_errors.DownloadError, match="404"):          # not uploaded yet
+        hub.load_prior("me/my-prior", registry=registry)
+    server.routes["/dl/me-my-prior.tar.gz"] = packed.read_bytes()       # "upload" it
+    assert_same_prior(hub.load_prior("me/my-prior", registry=registry), toy.prior)
+    # by default the location is under the project's one publishing base
+    done = hub.publish_prior(mine, "me/other", registry=registry, out=tmp_path / "o.tar.gz")
+    assert done.location == hub.PUBLISH_BASE_URL + "o.tar.gz" and not done.uploaded
+    assert hub.load_registry(registry).entries["me/other"].locations == (done.location,)
+
+
+def test_publish_keeps_an_entrys_local_locations_first(toy, mine, tmp_path):
+    registry = write_registry(tmp_path / "registry.json", {"me/my-prior": {
+        "location": "my-prior", "locations": ["https://old.example/x.tar.gz"],
+        "sha256": None}})
+    done = hub.publish_prior(mine, "me/my-prior", registry=registry)
+    raw = json.loads(registry.read_text())["priors"]["me/my-prior"]
+    assert raw["location"] == "my-prior"                                # offline mirror
+    assert raw["locations"] == [hub.PUBLISH_BASE_URL + "me-my-prior.tar.gz"] == [done.location]
+    assert raw["sha256"] == toy.sha256
+    assert hub.status(hub.load_registry(registry).entries["me/my-prior"])[0] == "local"
+
+
+@pytest.mark.parametrize("card", [None, "", " \n\t\n"])
+def test_publish_needs_a_model_card(toy, tmp_path, card, capsys):
+    src = shutil.copytree(toy.dir, tmp_path / "p")
+    if card is not None:
+        (tmp_path / "p.md").write_text(card)
+    registry = tmp_path / "registry.json"
+    assert cli_main(["priors", "publish", str(src), "--name", "me/p", "--registry",
+                     str(registry)]) == 2
+    err = capsys.readouterr().err
+    assert ("is empty" if card is not None else "needs a model card") in err
+    assert str(tmp_path / "p.md") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"] + (["p.md"] if card is not None
+                                                                  else [])
+    with pytest.raises(HubError, match="no file .*nope.md"):
+        hub.publish_prior(src, "me/p", registry=registry, model_card=tmp_path / "nope.md")
+
+
+def test_publish_never_writes_into_the_package(mine, tmp_path):
+    before = hub.BUILTIN_REGISTRY.read_bytes()
+    with pytest.raises(HubError, match="inside the installed package"):
+        hub.publish_prior(mine, "me/p", registry=hub.BUILTIN_REGISTRY)
+    with pytest.raises(HubError, match="inside the installed package"):
+        hub.publish_prior(mine, "me/p", registry=tmp_path / "r.json",
+                          out=hub.BUILTIN_REGISTRY.parent / "p.tar.gz")
+    assert hub.BUILTIN_REGISTRY.read_bytes() == before
+    assert not (hub.BUILTIN_REGISTRY.parent / "p.tar.gz").exists()
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_publish_to_a_web_server_is_not_an_upload_target(mine, tmp_path):
+    with pytest.raises(HubError, match="takes an hf://OWNER/REPO"):
+        hub.publish_prior(mine, "me/p", registry=tmp_path / "r.json",
+                          to="https://example.org/p.tar.gz")
+
+
+def test_publish_to_hf_needs_a_token(mine, tmp_path, monkeypatch, capsys):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "HfApi", None)                 # must not be used
+    registry = tmp_path / "r.json"
+    assert cli_main(["priors", "publish", str(mine), "--name", "me/p", "--registry",
+                     str(registry), "--to", "hf://me/p"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a Hugging Face token" in err and "hf auth login" in err
+    assert not registry.exists() and not (tmp_path / "me-p.tar.gz").exists()
+
+
+def test_publish_to_hf_uploads_and_pins_the_commit(toy, mine, tmp_path, monkeypatch, server):
+    """The upload goes through huggingface_hub.HfApi (replaced here by a stand-in that
+    commits into the stand-in Hub); the download through the real hf_hub_download."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    fake = FakeHub(server)
+    calls = []
+
+    class FakeApi:
+        def __init__(self, endpoint=None, token=None, **kwargs):
+            calls.append(("init", endpoint, token))
+
+        def create_repo(self, repo_id, exist_ok=False, **kwargs):
+            calls.append(("create_repo", repo_id, exist_ok))
+
+        def create_commit(self, repo_id, operations, commit_message, revision=None, **kw):
+            files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes()
+                     for op in operations}
+            calls.append(("commit", repo_id, sorted(files), revision, commit_message))
+            return type("CommitInfo", (), {"oid": fake.add(repo_id, files,
+                                                           revision or "main")})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setenv("HF_ENDPOINT", server.base)
+    registry = tmp_path / "r.json"
+    done = hub.publish_prior(mine, "me/p", registry=registry, to="hf://me/toy-prior")
+    commit = fake.repos["me/toy-prior"]["refs"]["main"]
+    assert done.uploaded and done.location == f"hf://me/toy-prior@{commit}/prior.tar.gz"
+    assert calls[0] == ("init", server.base, "hf_test_token")
+    assert calls[1] == ("create_repo", "me/toy-prior", True)
+    assert calls[2][:4] == ("commit", "me/toy-prior", ["README.md", "prior.tar.gz"], None)
+    files = fake.repos["me/toy-prior"]["commits"][commit]
+    assert files["prior.tar.gz"] == toy.data
+    assert files["README.md"] == (tmp_path / "my-prior.md").read_bytes()
+    entry = hub.load_registry(registry).entries["me/p"]
+    assert entry.locations == (done.location,) and entry.sha256 == toy.sha256
+    assert_same_prior(hub.load_prior("me/p", registry=registry), toy.prior)
+    # another path in the repository: the card goes beside it
+    done = hub.publish_prior(mine, "me/q", registry=registry, out=tmp_path / "q.tar.gz",
+                             to="hf://me/toy-prior/priors/q.tar.gz")
+    assert calls[-1][2] == ["priors/q.md", "priors/q.tar.gz"]
+    assert done.location.endswith("/priors/q.tar.gz") and "@" in done.location

@@ -1,4 +1,4 @@
-"""``bayes-transfer priors ...``: list, show, download, verify, register and pack priors.
+"""``bayes-transfer priors ...``: list, show, download, verify, register, pack and publish.
 
     bayes-transfer priors list                          registered priors and where they are
     bayes-transfer priors show fashion-mnist/small-cnn  the entry and its model card
@@ -7,6 +7,8 @@
     bayes-transfer priors verify NAME_OR_PATH ...
     bayes-transfer priors register priors/my-prior --name my/prior --model-card card.md
     bayes-transfer priors pack priors/my-prior          priors/my-prior.tar.gz, reproducible
+    bayes-transfer priors publish priors/my-prior --name me/my-prior --registry my.json \
+        [--to hf://me/my-prior]                         pack, check the card, upload, register
     bayes-transfer priors import-torch PREFIX --arch resnet50 --out priors/imagenet-r50
 """
 from __future__ import annotations
@@ -112,6 +114,22 @@ def cmd_pack(args) -> None:
           f"  artifact sha256  {packed.sha256}  (what a registry pins)")
 
 
+def cmd_publish(args) -> None:
+    done = hub.publish_prior(args.dir, args.name, registry=args.registry, to=args.to,
+                             model_card=args.model_card, out=args.out, base_url=args.base_url,
+                             license=args.license, description=args.description,
+                             overwrite=args.overwrite)
+    print(f"packed {args.dir} into {done.packed.path} ({done.packed.size} bytes, artifact "
+          f"sha256 {done.packed.sha256})")
+    if done.uploaded:
+        print(f"uploaded it and the model card {done.model_card} to {done.location}")
+    print(f"registered {done.name} in {done.registry} at {done.location}")
+    if not done.uploaded:
+        print(f"nothing was uploaded: put {done.packed.path} at {done.location} (as is: its "
+              f"size is pinned), then check it with `bayes-transfer priors verify {done.name} "
+              f"--registry {done.registry}`")
+
+
 def add_parsers(subparsers) -> argparse.ArgumentParser:
     """Add ``priors list | show | download | verify | register`` to ``subparsers``.
 
@@ -184,4 +202,32 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="packed file (default: DIR.tar.gz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser(
+        "publish", help="pack a prior, check its model card, upload it if asked, register it",
+        description="Pack the artifact DIR (reproducibly), check that its model card is "
+                    "there and not empty, upload the packed file and the card to a Hugging "
+                    "Face repository when --to is given (needs `pip install "
+                    "'bayes_transfer[hf]'` and a token: `hf auth login`), and write the "
+                    "registry entry NAME. Without --to nothing is uploaded: the entry's "
+                    "location is --base-url + the packed file's name.")
+    p.add_argument("dir", metavar="DIR", help="artifact directory (metadata.json, arrays/)")
+    p.add_argument("--name", required=True, help="registered name, e.g. my-lab/fmnist-cnn")
+    p.add_argument("--registry", default=None,
+                   help="your registry file to write (default: the one "
+                        "$BAYES_TRANSFER_REGISTRY names); never the installed package's")
+    p.add_argument("--to", default=None, metavar="hf://OWNER/REPO[@BRANCH][/PATH]",
+                   help="upload to this Hugging Face model repository; the entry pins the "
+                        "commit (default PATH: prior.tar.gz, the card as README.md)")
+    p.add_argument("--model-card", default=None,
+                   help="markdown model card (default: DIR.md beside DIR); required")
+    p.add_argument("--out", default=None,
+                   help="packed file (default: NAME with '/' as '-' + .tar.gz beside DIR)")
+    p.add_argument("--base-url", default=None,
+                   help=f"where you will upload the packed file, without --to (default: "
+                        f"{hub.PUBLISH_BASE_URL})")
+    p.add_argument("--license", default=None)
+    p.add_argument("--description", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_publish)
     return priors
