@@ -102,14 +102,14 @@ def _check_on_eight_devices() -> dict:
 
     # Through the one training loop: fit keeps the prior sharded (no gather) and the
     # state replicated, and three steps end where the unsharded prior's run ends.
-    from bayes_transfer import train as bttrain
+    from bayes_transfer.training import loop
     seen = []
-    real_place = bttrain._place_aux
-    bttrain._place_aux = lambda aux, m: seen.append(real_place(aux, m)) or seen[-1]
-    config = bttrain.TrainConfig(epochs=3 * 64 / len(splits.train), batch_size=64,
-                                 optimizer="adam", learning_rate=1e-3, progress=False)
-    fits = [bttrain.fit(model, splits.train, loss_fn, config, aux=p_) for p_ in (prior, sharded)]
-    bttrain._place_aux = real_place
+    real_place = loop.place_aux
+    loop.place_aux = lambda aux, m: seen.append(real_place(aux, m)) or seen[-1]
+    config = loop.TrainConfig(epochs=3 * 64 / len(splits.train), batch_size=64,
+                              optimizer="adam", learning_rate=1e-3, progress=False)
+    fits = [loop.fit(model, splits.train, loss_fn, config, aux=p_) for p_ in (prior, sharded)]
+    loop.place_aux = real_place
     assert {s.data.shape for s in seen[1].deviations.addressable_shards} == {(k, d // 8)}
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(fits[1].state.params))
     out["fit_max_rel"] = max(
