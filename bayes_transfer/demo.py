@@ -3,7 +3,9 @@
 Loads the published small-CNN Fashion-MNIST prior (it ships inside the package),
 fine-tunes on 10 MNIST-5k images per class with every method, chooses each method's λ
 on the validation split, and reports test error / NLL / ECE with a reliability diagram.
-Run by ``bayes-transfer demo`` (:mod:`bayes_transfer.cli.demo`).
+Run by ``bayes-transfer demo`` (:mod:`bayes_transfer.cli.demo`); ``bayes-transfer demo
+--fast`` is a smoke test of the same pipeline (:data:`FAST_METHODS`, :data:`FAST_CONFIG`:
+two methods, one prior strength, a few epochs; seconds, and its numbers mean little).
 """
 from __future__ import annotations
 
@@ -29,6 +31,13 @@ DEFAULT_PRIOR = "fashion-mnist/small-cnn"
 DEMO_CONFIG = dataclasses.replace(
     FinetuneConfig(), variances=(1.0, 10.0, 100.0),
     train=dataclasses.replace(FinetuneConfig().train, epochs=30))
+
+#: `bayes-transfer demo --fast`: standard fine-tuning against the learned prior, one
+#: prior strength (v = 10, no no-prior limit), 5 epochs: the whole pipeline in seconds.
+FAST_METHODS = ("standard", "lowrank")
+FAST_CONFIG = dataclasses.replace(
+    DEMO_CONFIG, variances=(10.0,), include_no_prior=False,
+    train=dataclasses.replace(DEMO_CONFIG.train, epochs=5))
 
 
 def run_demo(prior_ref: str | None = None, *, target: str = "mnist_5k", shots: int = 10,
