@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_write", "write_json", "write_text", "fsync_dir", "fsync_tree"]
+__all__ = ["atomic_write", "write_json", "write_text", "fsync_dir", "fsync_tree", "sha256_file"]
 
 _RENAME_EXCHANGE = 2      # linux/fs.h
 _AT_FDCWD = -100
@@ -163,3 +164,12 @@ def write_text(path, text: str) -> Path:
 def write_json(path, obj, **kwargs) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically (``json.dumps`` kwargs)."""
     return write_text(path, json.dumps(obj, **{"indent": 2, **kwargs}) + "\n")
+
+
+def sha256_file(path, *, block: int = 1 << 22) -> str:
+    """The hex sha256 of a file's bytes, read in blocks (any size of file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

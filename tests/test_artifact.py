@@ -255,7 +255,7 @@ def test_corrupted_array_byte(tmp_path):
     with pytest.raises(ArtifactIntegrityError) as e:
         A.read_prior(path)
     msg = str(e.value)
-    assert rel in msg and expected in msg and A_format._file_sha256(target) in msg
+    assert rel in msg and expected in msg and fsutil.sha256_file(target) in msg
     assert "download" in msg
     with pytest.raises(ArtifactIntegrityError):
         A.verify_artifact(path)

@@ -49,6 +49,7 @@ import numpy as np
 
 from bayes_transfer.errors import (ArtifactError, ArtifactIntegrityError, ArtifactVersionError,
                                    SpecMismatchError)
+from bayes_transfer.fsutil import sha256_file
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import KINDS, Prior
 
@@ -349,17 +350,9 @@ def _list_files(root: Path) -> list[str]:
     return sorted(out, key=lambda s: s.encode("utf-8"))
 
 
-def _file_sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def hash_files(root: Path) -> dict:
     """The ``files`` table of the artifact directory ``root``: size and sha256 by path."""
-    return {rel: {"size": (root / rel).stat().st_size, "sha256": _file_sha256(root / rel)}
+    return {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
             for rel in _list_files(root)}
 
 
@@ -392,7 +385,7 @@ def check_integrity(root: Path, meta: dict, *, verify: bool, expected: str | Non
                 f"{recorded[rel]['size']}: the file is truncated or corrupt; {redownload}")
     if verify:
         for rel in sorted(recorded, key=lambda s: s.encode("utf-8")):
-            actual = _file_sha256(root / rel)
+            actual = sha256_file(root / rel)
             if actual != recorded[rel]["sha256"]:
                 raise ArtifactIntegrityError(
                     f"{root}: {rel!r} does not match its checksum: expected sha256 "

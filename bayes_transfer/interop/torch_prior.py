@@ -67,7 +67,6 @@ or ``bayes-transfer priors import-torch downloads/resnet50_ssl_prior --out DIR``
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -80,6 +79,7 @@ from flax import nnx
 from bayes_transfer import models
 from bayes_transfer.artifacts import save_prior
 from bayes_transfer.errors import TorchImportError
+from bayes_transfer.fsutil import sha256_file
 from bayes_transfer.interop.torch_layout import (SUPPORTED_ARCHS, ParamMap, ReferenceLayout,
                                                  reference_layout)
 from bayes_transfer.interop.torch_reader import load as read_pt
@@ -109,14 +109,6 @@ def reference_files(prefix) -> dict[str, Path]:
             text = text[: -len(suffix)]
             break
     return {role: Path(text + suffix) for role, suffix in REFERENCE_FILES.items()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_array(path: Path, role: str, ndim: int) -> np.ndarray:
@@ -385,7 +377,7 @@ def import_torch_prior(prefix, arch: str = "resnet50", out=None, num_classes: in
         "density": "N(mean, diag(prior_scale*variance + prior_eps) + "
                    + ("prior_scale^2" if scale_low_rank else "1")
                    + " * covmat[:k]^T covmat[:k])",
-        "files": {role: {"name": p.name, "sha256": _sha256(p)}
+        "files": {role: {"name": p.name, "sha256": sha256_file(p)}
                   for role, p in files.items() if p.is_file() and role in needed},
         "model_check": model_report,
         "vector_order": "torchvision backbone.parameters() order, OIHW conv weights; "
