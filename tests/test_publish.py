@@ -308,3 +308,28 @@ def test_publish_to_hf_uploads_and_pins_the_commit(toy, mine, tmp_path, monkeypa
                              to="hf://me/toy-prior/priors/q.tar.gz")
     assert calls[-1][2] == ["priors/q.md", "priors/q.tar.gz"]
     assert done.location.endswith("/priors/q.tar.gz") and "@" in done.location
+
+
+def test_publish_to_hf_refused_upload_registers_nothing(mine, tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    class Refused(Exception):
+        response = type("Response", (), {"status_code": 403})()
+
+    class NoWriteApi:
+        def __init__(self, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            raise Refused("403 Forbidden: you cannot create a repository in this namespace")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoWriteApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_read_only")
+    registry = tmp_path / "r.json"
+    with pytest.raises(HubError, match="write access.*nothing was registered"):
+        hub.publish_prior(mine, "me/p", registry=registry, to="hf://someone-else/p")
+    assert not registry.exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")                        # offline: no upload
+    with pytest.raises(HubError, match="offline mode is on"):
+        hub.publish_prior(mine, "me/p", registry=registry, to="hf://me/p")
+    assert not registry.exists()
