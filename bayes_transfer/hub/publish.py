@@ -20,11 +20,11 @@ location is ``PUBLISH_BASE_URL`` + the packed file's name (upload the file there
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 from bayes_transfer.artifacts import pack_artifact, read_metadata
 from bayes_transfer.errors import ArtifactError, HubError, RegistryError
+from bayes_transfer.fsutil import sha256_file
 from bayes_transfer.hub.api import register_prior
 from bayes_transfer.hub.fetch import ENV_OFFLINE, is_file_url, is_remote, offline_mode
 from bayes_transfer.hub.hf import (DEFAULT_FILENAME, ENV_HF_OFFLINE, hf_offline, hf_token,
@@ -32,8 +32,7 @@ from bayes_transfer.hub.hf import (DEFAULT_FILENAME, ENV_HF_OFFLINE, hf_offline,
 from bayes_transfer.hub.registry import (published_url, registry_json, valid_name,
                                          writable_registry_file)
 
-__all__ = ["PackedArtifact", "Published", "pack_prior", "publish_prior", "packed_name",
-           "file_sha256"]
+__all__ = ["PackedArtifact", "Published", "pack_prior", "publish_prior", "packed_name"]
 
 PACKED_SUFFIX = ".tar.gz"
 
@@ -46,15 +45,6 @@ class PackedArtifact:
     size: int            # bytes of the packed file
     file_sha256: str     # sha256 of the packed file's bytes
     sha256: str          # the artifact digest (metadata["sha256"]): what registries pin
-
-
-def file_sha256(path) -> str:
-    """The hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def packed_name(artifact_dir) -> str:
@@ -79,7 +69,7 @@ def pack_prior(artifact_dir, out=None, *, overwrite: bool = False) -> PackedArti
     target = Path(out).expanduser() if out is not None \
         else src.absolute().with_name(packed_name(src))
     path = pack_artifact(src, target, overwrite=overwrite)
-    return PackedArtifact(path=path, size=path.stat().st_size, file_sha256=file_sha256(path),
+    return PackedArtifact(path=path, size=path.stat().st_size, file_sha256=sha256_file(path),
                           sha256=read_metadata(src, verify=False)["sha256"])
 
 
