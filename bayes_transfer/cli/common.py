@@ -7,6 +7,7 @@ import math
 import jax
 import numpy as np
 
+from bayes_transfer.cli.datasets import add_stream_args
 from bayes_transfer.data.mixing import parse_classes
 from bayes_transfer.errors import BayesTransferError
 from bayes_transfer.fsutil import write_json
@@ -23,12 +24,14 @@ def classes(text: str | None):
 
 def add_data_args(p: argparse.ArgumentParser, default: str = "fashion_mnist") -> None:
     p.add_argument("--dataset", default=default,
-                   help="fashion_mnist, mnist_5k or digits (default: %(default)s), or a "
-                        "mix such as fashion_mnist:0-4+mnist_5k; with --task segmentation: "
-                        "isbi, fashion_scenes or an image/label folder")
+                   help="fashion_mnist, mnist_5k or digits (default: %(default)s), a "
+                        "mix such as fashion_mnist:0-4+mnist_5k, a folder DIR/train/CLASS/*.jpg "
+                        "+ DIR/val/..., or tfds:NAME[/CONFIG][:VERSION]; with --task "
+                        "segmentation: isbi, fashion_scenes or an image/label folder")
     p.add_argument("--classes", default=None,
                    help="keep only these classes, relabelled from 0: '0-4' or '5,6,7'")
     p.add_argument("--data-dir", default=None, help="where prepared datasets live")
+    add_stream_args(p)
 
 
 def add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float,

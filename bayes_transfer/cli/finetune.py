@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import shlex
 
-from bayes_transfer import data, models
+from bayes_transfer import models
 from bayes_transfer.analysis.suggest import suggest
 from bayes_transfer.cli import segmentation
 from bayes_transfer.cli.common import add_data_args, classes, is_primary, write_report
+from bayes_transfer.cli.datasets import input_of, load_splits, positive_int
 from bayes_transfer.hub import load_prior
 from bayes_transfer.inference.map import FinetuneConfig, finetune
 from bayes_transfer.inference.posterior import PosteriorConfig, sample_posterior
@@ -20,20 +21,28 @@ def _line(name: str, metrics: dict, keys=("error", "nll", "ece", "brier")) -> st
     return name + " " + " ".join(f"{k}={metrics[k]:.4f}" for k in keys)
 
 
+def _target_splits(args, prior):
+    """The few-shot target task, fed to the model as the prior's source was: its input
+    size, channels and normalisation (a built-in dataset: its channels)."""
+    channels = models.prior_architecture(prior).get("in_channels", 1)
+    spec = input_of((prior.metadata.get("source") or {}).get("input"))
+    return load_splits(args, spec=spec, channels=channels, shots_per_class=args.shots,
+                       classes=classes(args.classes))
+
+
 def cmd_finetune(args) -> None:
     if args.task == "segmentation":
         segmentation.run_finetune(args)
         return
     prior = load_prior(args.prior)
-    splits = data.load(args.dataset, shots_per_class=args.shots, classes=classes(args.classes),
-                       seed=args.seed, data_dir=args.data_dir)
+    splits = _target_splits(args, prior)
     methods = METHODS if args.method == ["all"] else args.method
     config = FinetuneConfig(train=TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         learning_rate=args.lr, seed=args.seed, desc="finetune"), head_decay=args.head_decay,
         reinit_top=args.reinit_top)
     results, cache = [], {}
-    scale = "auto" if args.scale == "auto" else float(args.scale)
+    scale = args.scale if args.scale in ("auto", "evidence") else float(args.scale)
     for method in methods:
         model = models.from_prior(prior, splits.train.num_classes, seed=args.seed)
         if method in SAMPLERS:
@@ -46,8 +55,13 @@ def cmd_finetune(args) -> None:
                         res.metrics))
             continue
         res = finetune(model, splits, prior, method, scale=scale, config=config, cache=cache)
-        results.append({**res.summary(), "val": res.val_metrics, "sweep": res.sweep})
+        results.append({**res.summary(), "val": res.val_metrics, "sweep": res.sweep,
+                        "evidence_trace": res.evidence_trace})
         print(_line(f"{method:10s} λ={res.scale:<9.3g}", res.metrics))
+        if res.evidence_trace:
+            path = " → ".join(f"{t['variance']:.3g}" for t in res.evidence_trace[:-1])
+            print(f"{'':10s} evidence: v = λ·mean diag Σ₀ went {path} (at the end the "
+                  f"evidence's optimum is v={res.evidence_trace[-1]['variance']:.3g})")
     if args.out and is_primary():
         write_report(args.out, {"prior": args.prior, "dataset": args.dataset,
                                 "shots": args.shots, "seed": args.seed, "results": results})
@@ -55,8 +69,7 @@ def cmd_finetune(args) -> None:
 
 def cmd_suggest(args) -> None:
     prior = load_prior(args.prior)
-    splits = data.load(args.dataset, shots_per_class=args.shots, classes=classes(args.classes),
-                       seed=args.seed, data_dir=args.data_dir)
+    splits = _target_splits(args, prior)
     s = suggest(prior, splits, seed=args.seed)
     scale = s.scale(prior, args.method)
     print(s.explain())
@@ -79,7 +92,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune under a prior (λ chosen on validation)")
     p.add_argument("--prior", required=True, help="prior name, path or URL")
     add_data_args(p, default="mnist_5k")
-    p.add_argument("--shots", type=int, default=10, help="examples per class (default 10)")
+    p.add_argument("--shots", type=positive_int, default=10,
+                   help="examples per class (default 10)")
     p.add_argument("--method", nargs="+", default=["lowrank"],
                    help=f"one or more of {', '.join(METHODS)} (MAP), sgld or swag "
                         f"(samples + model averaging), or 'all' (every MAP method)")
@@ -87,7 +101,9 @@ def add_parsers(sub) -> None:
                    help="posterior samples for sgld/swag (default 10)")
     p.add_argument("--prior-method", default="lowrank", choices=METHODS,
                    help="the prior sgld/swag sample under (default lowrank)")
-    p.add_argument("--scale", default="auto", help="λ, or 'auto' (validation grid)")
+    p.add_argument("--scale", default="auto",
+                   help="λ, 'auto' (validation grid) or 'evidence' (learned with the weights "
+                        "in one run by the Laplace evidence on the training set)")
     p.add_argument("--epochs", type=float, default=40)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--optimizer", default="adam", choices=["sgd", "adam", "adamw"])
@@ -106,7 +122,8 @@ def add_parsers(sub) -> None:
                        "transferability measure, before fine-tuning")
     p.add_argument("--prior", required=True, help="prior name, path or URL")
     add_data_args(p, default="mnist_5k")
-    p.add_argument("--shots", type=int, default=10, help="examples per class (default 10)")
+    p.add_argument("--shots", type=positive_int, default=10,
+                   help="examples per class (default 10)")
     p.add_argument("--method", default="lowrank", choices=METHODS,
                    help="the prior the λ is for (default lowrank)")
     p.add_argument("--seed", type=int, default=0)

@@ -8,11 +8,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from bayes_transfer import data, models
+from bayes_transfer import models
 from bayes_transfer.artifacts import check_destination, save_prior
 from bayes_transfer.cli import segmentation
 from bayes_transfer.cli.common import (add_data_args, add_train_args, classes, is_primary,
                                        softmax, train_config)
+from bayes_transfer.cli.datasets import (image_spec, input_of, is_streamed, load_splits,
+                                         positive_int)
 from bayes_transfer.evaluation import metrics as btm
 from bayes_transfer.evaluation.plots import reliability_diagram
 from bayes_transfer.learn import LearnPriorConfig, learn_prior
@@ -22,17 +24,26 @@ from bayes_transfer.training import (cross_entropy_loss, fit, load_model, on_pro
                                      save_model)
 
 
+def _source_splits(args, **kwargs):
+    """The source task's splits; random flips on for natural images unless --no-flip."""
+    splits = load_splits(args, arch=args.arch, classes=classes(args.classes), **kwargs)
+    if is_streamed(args) and not args.no_flip:
+        args.flip = True
+    return splits
+
+
 def cmd_train(args) -> None:
-    splits = data.load(args.dataset, classes=classes(args.classes), seed=args.seed,
-                       data_dir=args.data_dir)
+    splits = _source_splits(args)
     model = models.create(args.arch, splits.train.num_classes,
-                          in_channels=splits.train.images.shape[-1], seed=args.seed)
+                          in_channels=splits.train.image_shape[-1], seed=args.seed)
     result = fit(model, splits.train, cross_entropy_loss, train_config(args))
     test = btm.classification_metrics(softmax(predict(result, splits.test)), splits.test.labels)
     test = {k: float(v) for k, v in test.items()}
     print(json.dumps({"dataset": args.dataset, "test": test}, indent=2))
     if args.out:
-        save_model(result, args.out, extra={"dataset": args.dataset, "test": test})
+        spec = image_spec(splits.train)
+        save_model(result, args.out, extra={"dataset": args.dataset, "test": test,
+                                            **({"input": spec} if spec else {})})
         print(f"saved the model to {args.out}")
 
 
@@ -40,8 +51,9 @@ def cmd_evaluate(args) -> None:
     if args.task == "segmentation":
         segmentation.run_evaluate(args)
         return
-    model, _ = load_model(args.model)
-    splits = data.load(args.dataset, classes=classes(args.classes), data_dir=args.data_dir)
+    model, info = load_model(args.model)
+    splits = load_splits(args, spec=input_of(info.get("input")), channels=model.in_channels,
+                         classes=classes(args.classes))
     ds = getattr(splits, args.split)
     probs = softmax(predict(model, ds))
     metrics = {k: float(v) for k, v in btm.classification_metrics(probs, ds.labels).items()}
@@ -58,11 +70,10 @@ def cmd_learn_prior(args) -> None:
         # after training (an existing --out without --overwrite).
         check_destination(Path(args.out).expanduser().absolute(), args.overwrite)
     source_classes = classes(args.classes)
-    splits = data.load(args.dataset, classes=source_classes, seed=args.seed,
-                       data_dir=args.data_dir, label_noise=args.label_noise,
-                       shots_per_class=args.source_shots)
+    splits = _source_splits(args, label_noise=args.label_noise,
+                            shots_per_class=args.source_shots)
     model = models.create(args.arch, splits.train.num_classes,
-                          in_channels=splits.train.images.shape[-1], seed=args.seed)
+                          in_channels=splits.train.image_shape[-1], seed=args.seed)
     train = train_config(args, desc="source")
     loss_kw = {}
     if args.objective == "simclr":  # SimCLR makes its own views: no extra random shifts
@@ -75,6 +86,8 @@ def cmd_learn_prior(args) -> None:
                        "classes": list(source_classes) if source_classes else None,
                        "split": "train", "method": args.objective,
                        "label_noise": args.label_noise, "images": len(splits.train)}}
+    if image_spec(splits.train):       # what fine-tuning must feed the model
+        meta["source"]["input"] = image_spec(splits.train)
     prior, _ = learn_prior(model, splits, config, checkpoint_dir=args.checkpoint_dir,
                            metadata=meta, **loss_kw)
     if args.dtype == "bfloat16":
@@ -120,7 +133,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--label-noise", type=float, default=0.0,
                    help="replace this fraction of source training labels by wrong ones "
                         "(source-quality studies)")
-    p.add_argument("--source-shots", type=int, default=None,
+    p.add_argument("--source-shots", type=positive_int, default=None,
                    help="use only this many source images per class (source-size studies)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", required=True, help="artifact directory to write")

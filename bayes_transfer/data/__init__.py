@@ -14,25 +14,33 @@ from bayes_transfer.data.augmentation import augment
 from bayes_transfer.data.batching import batches, num_batches
 from bayes_transfer.data.errors import DatasetFormatError, DatasetNotFoundError, UnknownDatasetError
 from bayes_transfer.data.loading import DATASETS, load, load_arrays, select_classes, split_dataset
+from bayes_transfer.data.image_ops import InputSpec
 from bayes_transfer.data.normalization import NORMALIZATION_STATS, normalize
+from bayes_transfer.data.pipeline import batch_stream, find_unreadable, prefetch
 from bayes_transfer.data.segmentation import load_segmentation_folder
 from bayes_transfer.data.splitting import few_shot_indices
+from bayes_transfer.data.streamed import StreamedDataset
 
 __all__ = [
     "ArrayDataset",
     "DATASETS",
     "DatasetFormatError",
     "DatasetNotFoundError",
+    "InputSpec",
     "NORMALIZATION_STATS",
     "Splits",
+    "StreamedDataset",
     "UnknownDatasetError",
     "augment",
+    "batch_stream",
     "batches",
     "few_shot_indices",
+    "find_unreadable",
     "load",
     "load_arrays",
     "load_segmentation_folder",
     "normalize",
+    "prefetch",
     "num_batches",
     "select_classes",
     "split_dataset",

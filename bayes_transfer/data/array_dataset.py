@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from bayes_transfer.data.errors import DatasetFormatError
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ArrayDataset:
@@ -21,6 +23,9 @@ class ArrayDataset:
       name: the dataset it came from (``"fashion_mnist"``…); `normalize` looks up
         the dataset's mean/std by this name.
       class_names: the original name of each class id, or ``None``.
+      normalization: ``(mean, std)`` per channel of pixel values in [0, 1], used by
+        `batches` instead of the statistics looked up by ``name`` (images decoded from
+        a folder or a tfds dataset carry their model's normalisation), or ``None``.
     """
 
     images: np.ndarray
@@ -28,6 +33,7 @@ class ArrayDataset:
     num_classes: int
     name: str
     class_names: tuple[str, ...] | None = None
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self):
         images, labels = np.asarray(self.images), np.asarray(self.labels, dtype=np.int32)
@@ -47,6 +53,11 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """``(H, W, C)`` of one image."""
+        return tuple(self.images.shape[1:])
+
     def subset(self, indices) -> "ArrayDataset":
         """The examples at ``indices`` (a copy), same classes and metadata."""
         indices = np.asarray(indices, dtype=np.int64)
@@ -60,11 +71,16 @@ class ArrayDataset:
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """Train / validation / test sets of one task (same classes in all three)."""
+    """Train / validation / test sets of one task (same classes in all three).
+
+    Each is an ``ArrayDataset`` or a ``StreamedDataset`` (decoded batch by batch);
+    ``notes`` says what loading skipped (files that are not images, unreadable images).
+    """
 
     train: ArrayDataset
     val: ArrayDataset
     test: ArrayDataset
+    notes: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -73,3 +89,26 @@ class Splits:
     @property
     def class_names(self) -> tuple[str, ...] | None:
         return self.train.class_names
+
+
+_LUMINANCE = np.array([0.299, 0.587, 0.114], np.float32)   # PIL's "L" conversion
+
+
+def with_channels(dataset: ArrayDataset, channels: int) -> ArrayDataset:
+    """``dataset`` with ``channels`` channels: grey repeated into RGB, RGB made grey by
+    luminance; unchanged if it has them already. Any other conversion is an error."""
+    have = dataset.images.shape[-1]
+    if have == channels:
+        return dataset
+    if (have, channels) == (1, 3):
+        images = np.repeat(dataset.images, 3, axis=-1)
+    elif (have, channels) == (3, 1):
+        grey = dataset.images.astype(np.float32) @ _LUMINANCE
+        if dataset.images.dtype == np.uint8:
+            grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
+        images = grey[..., None]
+    else:
+        raise DatasetFormatError(f"{dataset.name} has {have}-channel images and the model takes "
+                                 f"{channels}; only grey <-> RGB conversions are made")
+    return dataclasses.replace(dataset, images=images)
+

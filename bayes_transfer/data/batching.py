@@ -40,6 +40,11 @@ def batches(dataset: ArrayDataset, batch_size: int, *, seed: int, epoch: int,
     the dataset's mean/std when ``dataset.name`` has stored statistics (see
     `normalize`), otherwise only scaled to [0, 1].
 
+    A `StreamedDataset` (images decoded when needed) yields the same batches (same
+    order) through the grain pipeline, each image resized and centre-cropped to its
+    model's input and normalised with ``dataset.normalization``; an ``ArrayDataset``
+    with ``normalization`` set is normalised with it.
+
     A dataset that defines ``make_batch(indices, rng)`` (a segmentation dataset,
     yielding ``{"image", "mask"}`` and cutting random crops) builds its own batches;
     ``rng`` is ``np.random.default_rng([seed, epoch, batch index])``.
@@ -47,14 +52,24 @@ def batches(dataset: ArrayDataset, batch_size: int, *, seed: int, epoch: int,
     n = len(dataset)
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got {seed}, {epoch}")
+    eval_batches = getattr(dataset, "eval_batches", None)
+    if eval_batches is not None:        # a StreamedDataset: decoded by the grain pipeline
+        yield from eval_batches(batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
+                                drop_remainder=drop_remainder)
+        return
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     stats_name = dataset.name if dataset.name in NORMALIZATION_STATS else None
+    mean, std = getattr(dataset, "normalization", None) or (None, None)
     size = min(batch_size, n)
     make_batch = getattr(dataset, "make_batch", None)
     for b in range(num_batches(n, batch_size, drop_remainder=drop_remainder)):
         idx = order[b * size:(b + 1) * size]
         if make_batch is not None:
             yield make_batch(idx, np.random.default_rng([seed, epoch, b]))
+            continue
+        if mean is not None:
+            yield {"image": normalize(dataset.images[idx], mean=mean, std=std),
+                   "label": dataset.labels[idx]}
             continue
         yield {"image": normalize(dataset.images[idx], stats_name),
                "label": dataset.labels[idx]}

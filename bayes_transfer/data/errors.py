@@ -16,3 +16,8 @@ class UnknownDatasetError(DatasetNotFoundError, ValueError):
 
 class DatasetFormatError(BayesTransferError, ValueError):
     """Source files exist but are corrupt or laid out differently than expected."""
+
+
+class DataOptionError(BayesTransferError, ValueError):
+    """A data option does not fit the dataset: more shots than a class has, a class it
+    does not have, a negative count. The message names the class and the numbers."""

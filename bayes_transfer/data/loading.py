@@ -13,24 +13,23 @@ If all fail, one `DatasetNotFoundError` lists what was tried and how to fix it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 
 from bayes_transfer.data.array_dataset import ArrayDataset, Splits
-from bayes_transfer.data.errors import DatasetNotFoundError, UnknownDatasetError
+from bayes_transfer.data.data_dirs import (ALLOW_DOWNLOAD_ENV, DATA_DIR_ENV, DEFAULT_DATA_DIR,
+                                           default_data_dir, download_allowed, no_gcs_config,
+                                           quiet_tfds_warnings, resolve_data_dir)
+from bayes_transfer.data.errors import DataOptionError, DatasetNotFoundError, UnknownDatasetError
 from bayes_transfer.data.mixing import is_mix, load_mix_arrays
+from bayes_transfer.data.open_dataset import is_external, open_parts
 from bayes_transfer.data.splitting import (complement, few_shot_indices, noisy_labels,
                                            relabel_classes, stratified_holdout)
 
-DATA_DIR_ENV = "BAYES_TRANSFER_DATA_DIR"
-ALLOW_DOWNLOAD_ENV = "BAYES_TRANSFER_ALLOW_DOWNLOAD"
-DEFAULT_DATA_DIR = "~/.cache/bayes_transfer/tensorflow_datasets"
 VAL_FRACTION = 0.1
 MIN_VAL_PER_CLASS = 10
 
@@ -57,37 +56,6 @@ _ENTRIES = {
 
 #: Known dataset names and what they are.
 DATASETS: dict[str, str] = {name: entry.description for name, entry in _ENTRIES.items()}
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
-
-
-def resolve_data_dir(data_dir: str | Path | None) -> Path:
-    return default_data_dir() if data_dir is None else Path(data_dir).expanduser()
-
-
-def download_allowed(download: bool) -> bool:
-    return download or os.environ.get(ALLOW_DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
-
-
-def no_gcs_config():
-    """Download config that never looks for prepared data on Google Cloud Storage."""
-    import tensorflow_datasets as tfds
-
-    return tfds.download.DownloadConfig(try_download_gcs=False)
-
-
-@contextlib.contextmanager
-def quiet_tfds_warnings():
-    """Hide tfds warnings about normal events (data not prepared yet, a per-folder config)."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _entry(name: str) -> _Entry:
@@ -193,24 +161,61 @@ def _to_datasets(name, builder) -> tuple[ArrayDataset, ArrayDataset]:
     return out[0], out[1]
 
 
-def select_classes(dataset: ArrayDataset, classes: Sequence[int]) -> ArrayDataset:
-    """Keep ``classes`` (original ids) and renumber them ``0..len-1`` in the given order."""
+def select_classes(dataset, classes: Sequence[int]):
+    """Keep ``classes`` (original ids) and renumber them ``0..len-1`` in the given order
+    (an ``ArrayDataset`` or a ``StreamedDataset``)."""
     bad = [c for c in classes if not 0 <= int(c) < dataset.num_classes]
     if bad:
-        raise ValueError(f"classes {bad} are not in 0..{dataset.num_classes - 1} of {dataset.name}")
+        raise DataOptionError(f"classes {bad} are not in 0..{dataset.num_classes - 1} of "
+                              f"{dataset.name}")
     kept, labels = relabel_classes(dataset.labels, classes)
     names = None if dataset.class_names is None else tuple(dataset.class_names[int(c)]
                                                            for c in classes)
-    return dataclasses.replace(dataset, images=dataset.images[kept], labels=labels,
+    return dataclasses.replace(dataset.subset(kept), labels=labels,
                                num_classes=len(classes), class_names=names)
+
+
+def _check_shots(dataset, need: int, what: str) -> None:
+    """A clear error when a class of ``dataset`` has fewer than ``need`` examples."""
+    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
+    present = np.flatnonzero(counts)
+    short = [c for c in present if counts[c] < need]
+    if short:
+        c = int(short[0])
+        name = f"{dataset.class_names[c]!r} (id {c})" if dataset.class_names else f"{c}"
+        raise DataOptionError(
+            f"{what} needs {need} examples of every class, but class {name} of "
+            f"{dataset.name} has only {int(counts[c])}"
+            + (f" (and {len(short) - 1} more classes are short)" if len(short) > 1 else "")
+            + f" (the smallest class has {int(counts[present].min())})")
 
 
 def split_dataset(train: ArrayDataset, test: ArrayDataset, *, shots_per_class: int | None = None,
                   val_per_class: int | None = None, classes: Sequence[int] | None = None,
-                  label_noise: float = 0.0, seed: int = 0) -> Splits:
-    """The split logic of `load`, for arrays you already have (see `load`)."""
+                  label_noise: float = 0.0, seed: int = 0, val=None) -> Splits:
+    """The split logic of `load`, for datasets you already have (see `load`).
+
+    ``val``: a validation split of its own (a folder's ``val/`` beside its ``test/``);
+    without it the validation set is drawn from ``train``.
+    """
+    if shots_per_class is not None and int(shots_per_class) < 1:
+        raise DataOptionError(f"shots_per_class must be >= 1, got {shots_per_class}")
+    if val_per_class is not None and int(val_per_class) < 0:
+        raise DataOptionError(f"val_per_class must be >= 0, got {val_per_class}")
     if classes is not None:
         train, test = select_classes(train, classes), select_classes(test, classes)
+        val = None if val is None else select_classes(val, classes)
+    if val is not None:
+        if shots_per_class is not None:
+            _check_shots(train, shots_per_class, f"{shots_per_class} shots per class")
+            train = train.subset(few_shot_indices(train.labels, shots_per_class, seed))
+            k = max(shots_per_class, MIN_VAL_PER_CLASS) if val_per_class is None else val_per_class
+            _check_shots(val, k, f"the validation split ({k} per class)")
+            val = val.subset(few_shot_indices(val.labels, k, seed))
+        elif val_per_class is not None:
+            _check_shots(val, val_per_class, f"{val_per_class} validation examples per class")
+            val = val.subset(few_shot_indices(val.labels, val_per_class, seed))
+        return _with_noise(Splits(train=train, val=val, test=test), label_noise, seed)
     if shots_per_class is None:
         if val_per_class is None:
             val_idx = stratified_holdout(train.labels, VAL_FRACTION, seed)
@@ -220,25 +225,37 @@ def split_dataset(train: ArrayDataset, test: ArrayDataset, *, shots_per_class: i
     else:
         if val_per_class is None:
             val_per_class = max(shots_per_class, MIN_VAL_PER_CLASS)
+        _check_shots(train, shots_per_class + val_per_class,
+                     f"{shots_per_class} shots + {val_per_class} validation examples per class")
         train_idx = few_shot_indices(train.labels, shots_per_class, seed)
         val_idx = few_shot_indices(train.labels, val_per_class, seed, exclude=train_idx)
     train, val = train.subset(train_idx), train.subset(val_idx)
-    if label_noise:
-        train = dataclasses.replace(
-            train, labels=noisy_labels(train.labels, label_noise, train.num_classes, seed))
-    return Splits(train=train, val=val, test=test)
+    return _with_noise(Splits(train=train, val=val, test=test), label_noise, seed)
+
+
+def _with_noise(splits: Splits, label_noise: float, seed: int) -> Splits:
+    if not label_noise:
+        return splits
+    train = splits.train
+    return dataclasses.replace(splits, train=dataclasses.replace(
+        train, labels=noisy_labels(train.labels, label_noise, train.num_classes, seed)))
 
 
 def load(name: str, *, shots_per_class: int | None = None, val_per_class: int | None = None,
          classes: Sequence[int] | None = None, label_noise: float = 0.0, seed: int = 0,
          data_dir: str | Path | None = None, download: bool = False,
-         source_dir: str | Path | None = None) -> Splits:
-    """Load a classification dataset as in-memory train / val / test splits.
+         source_dir: str | Path | None = None, input_spec=None, image_size: int | None = None,
+         channels: int | None = None, normalization="imagenet", workers: int = 0,
+         skip_bad_images: bool = False, in_memory: bool | None = None) -> Splits:
+    """Load a classification dataset as train / val / test splits.
 
     Args:
       name: one of `DATASETS` (``"fashion_mnist"``, ``"mnist_5k"``, ``"digits"``), or a
         mix of them with class subsets, e.g. ``"fashion_mnist:0-4+mnist_5k"`` (15
-        classes: the five garments, then the ten digits).
+        classes: the five garments, then the ten digits); or a folder in the ImageNet
+        layout (``DIR/train/CLASS/*.jpg``, ``DIR/val/...``; see
+        `bayes_transfer.data.image_folder`); or ``"tfds:NAME[/CONFIG][:VERSION]"``, a
+        tfds catalog dataset prepared in ``data_dir`` (`bayes_transfer.data.tfds_source`).
       shots_per_class: if given, the training set is ``k`` examples per class drawn
         from the train split (`few_shot_indices`, ``seed``).
       val_per_class: validation examples per class, disjoint from the training
@@ -255,6 +272,19 @@ def load(name: str, *, shots_per_class: int | None = None, val_per_class: int | 
       source_dir: where the raw source files are, overriding the default
         location and the ``BAYES_TRANSFER_*`` environment variables.
 
+    Folders and tfds datasets only (the built-ins are 28×28 or 8×8 arrays in memory):
+
+      input_spec: the model's input (`InputSpec`: size, channels, normalisation); or
+        ``image_size`` (default 224), ``channels`` (default the images' own) and
+        ``normalization`` (``"imagenet"``, ``"dataset"`` or ``(mean, std)``).
+      workers: grain worker processes that decode and augment (0: this process).
+      skip_bad_images: decode every image once first and leave out those that fail
+        (counted and listed in ``Splits.notes``); by default a bad image stops the run
+        with an error naming its file.
+      in_memory: decode the train and val sets into memory (``ArrayDataset``). Default:
+        only for few-shot sets; otherwise they stay `StreamedDataset` s, decoded batch
+        by batch. The test set stays streamed unless ``in_memory=True``.
+
     The test set is always the dataset's full test split (after ``classes``).
 
     Example: Fashion-MNIST classes 0–4 as a source task, 5–9 as a 10-shot target::
@@ -262,8 +292,19 @@ def load(name: str, *, shots_per_class: int | None = None, val_per_class: int | 
         source = load("fashion_mnist", classes=range(5))
         target = load("fashion_mnist", classes=range(5, 10), shots_per_class=10, seed=1)
     """
-    train, test = load_arrays(name, data_dir=data_dir, download=download, source_dir=source_dir)
-    return split_dataset(train, test, shots_per_class=shots_per_class,
-                         val_per_class=val_per_class,
-                         classes=None if classes is None else tuple(classes),
-                         label_noise=label_noise, seed=seed)
+    split = dict(shots_per_class=shots_per_class, val_per_class=val_per_class,
+                 classes=None if classes is None else tuple(classes), label_noise=label_noise,
+                 seed=seed)
+    if not is_external(name):
+        train, test = load_arrays(name, data_dir=data_dir, download=download,
+                                  source_dir=source_dir)
+        return split_dataset(train, test, **split)
+    parts, notes = open_parts(name, input_spec=input_spec, image_size=image_size,
+                              channels=channels, normalization=normalization,
+                              data_dir=data_dir, download=download, workers=workers,
+                              skip_bad_images=skip_bad_images)
+    splits = split_dataset(parts["train"], parts["test"], val=parts.get("val"), **split)
+    if in_memory or (in_memory is None and shots_per_class is not None):
+        splits = Splits(train=splits.train.materialize(), val=splits.val.materialize(),
+                        test=splits.test.materialize() if in_memory else splits.test)
+    return dataclasses.replace(splits, notes=tuple(notes))

@@ -27,8 +27,9 @@ def normalize(images, dataset: str | None = None, *, mean: float | None = None,
     """float32 images: uint8 → ``/255`` into [0, 1], then ``(x − mean) / std``.
 
     ``mean``/``std`` come from ``dataset``'s entry in `NORMALIZATION_STATS`, or
-    are given directly; with neither, images are only scaled to [0, 1]. float32
-    input is taken to be in [0, 1] already. Works on numpy and jax arrays.
+    are given directly (scalars, or one value per channel); with neither, images are
+    only scaled to [0, 1]. float32 input is taken to be in [0, 1] already. Works on
+    numpy and jax arrays.
 
     >>> float(normalize(np.full((1, 2, 2, 1), 255, np.uint8))[0, 0, 0, 0])
     1.0
@@ -43,5 +44,14 @@ def normalize(images, dataset: str | None = None, *, mean: float | None = None,
     if images.dtype == np.uint8:
         x = x / np.float32(255.0)
     if mean is not None or std is not None:
-        x = (x - np.float32(mean or 0.0)) / np.float32(1.0 if std is None else std)
+        x = (x - _const(mean, 0.0)) / _const(std, 1.0)
     return x
+
+
+def _const(value, default):
+    """float32 scalar, or a float32 vector for per-channel statistics."""
+    if value is None:
+        return np.float32(default)
+    if np.ndim(value):
+        return np.asarray(value, np.float32)
+    return np.float32(value)

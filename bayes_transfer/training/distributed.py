@@ -21,10 +21,16 @@ def data_mesh() -> Mesh:
     return Mesh(np.array(jax.devices()), ("data",))
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Put a global batch on the mesh, split along ``data`` (replicated if uneven)."""
+def shard_batch(batch: dict, mesh: Mesh, *, local: bool = False) -> dict:
+    """Put a global batch on the mesh, split along ``data`` (replicated if uneven).
+
+    ``local``: ``batch`` holds only this process's rows of the global batch (a streamed
+    dataset: each host reads its share), rows ``p·B/P ..`` for process p of P.
+    """
     n = len(mesh.devices.flat)
     size = len(next(iter(batch.values())))
+    if local and jax.process_count() > 1:
+        return _from_local_rows(batch, mesh, size * jax.process_count())
     # Batches that don't split evenly (tiny few-shot sets) are replicated instead.
     sharded = size % n == 0
     sharding = NamedSharding(mesh, P("data") if sharded else P())
@@ -35,6 +41,24 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     # the sharding, not assuming process i holds the i-th block of rows, stays right
     # whatever order jax.devices() lists the hosts' devices in.
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}
+
+
+def _from_local_rows(batch: dict, mesh: Mesh, global_size: int) -> dict:
+    n = len(mesh.devices.flat)
+    if global_size % n:
+        raise BayesTransferError(f"a streamed global batch of {global_size} does not split "
+                                 f"over {n} devices; use a batch size divisible by {n}")
+    sharding = NamedSharding(mesh, P("data"))
+    rows = sorted({idx[0].indices(global_size)[:2] for idx in
+                   sharding.addressable_devices_indices_map((global_size,)).values()})
+    local = global_size // jax.process_count()
+    first = jax.process_index() * local
+    if (rows[0][0], rows[-1][1]) != (first, first + local):
+        raise BayesTransferError(f"this process's devices hold rows {rows[0][0]}..{rows[-1][1]} "
+                                 f"of the batch, not {first}..{first + local}: list the devices "
+                                 f"process by process")
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_size,) + v.shape[1:])
             for k, v in batch.items()}
 
 
