@@ -378,3 +378,27 @@ def test_torchvision_state_dict_roundtrip():
     del partial["layer1.0.bn1.running_var"]
     with pytest.raises(BayesTransferError, match="layer1.0.bn1.running_var"):
         models.load_torchvision_state_dict(_fresh_abstract("resnet18", 1000, 3), partial)
+
+
+@pytest.mark.parametrize("shape, window, stride, padding", [
+    ((4, 28, 28, 3), 2, 2, 0), ((2, 7, 9, 5), 2, 2, 0), ((2, 15, 15, 4), 3, 2, 1),
+    ((2, 16, 16, 4), 3, 2, 1)])
+def test_max_pool_equals_flax_max_pool_values_and_gradient(shape, window, stride, padding):
+    """The strided-slice max-pool (fast to differentiate on XLA:CPU) against flax's
+    reduce_window one: the same values, and the same gradient where no window holds a tie
+    (random inputs have none)."""
+    from bayes_transfer.models._base import max_pool
+
+    x = jnp.asarray(np.random.RandomState(0).randn(*shape).astype(np.float32))
+    pad = ((padding, padding), (padding, padding)) if padding else "VALID"
+
+    def flax_pool(x):
+        return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=pad)
+
+    def ours(x):
+        return max_pool(x, window, stride, padding)
+
+    np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(flax_pool(x)))
+    grad = [jax.grad(lambda x, f=f: jnp.sum(f(x) * jnp.arange(f(x).size).reshape(f(x).shape)))
+            for f in (ours, flax_pool)]
+    np.testing.assert_array_equal(np.asarray(grad[0](x)), np.asarray(grad[1](x)))

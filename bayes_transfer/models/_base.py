@@ -53,6 +53,30 @@ def batch_norm(num_features: int, *, rngs: nnx.Rngs, scale_init=None) -> nnx.Bat
                          rngs=rngs, **kwargs)
 
 
+def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
+    """``nnx.max_pool(x, (window, window), strides=(stride, stride), padding=...)`` on NHWC
+    maps, written as the maximum of ``window²`` strided slices.
+
+    The same values; the gradient is the same too except where a window holds tied
+    maxima (it is then shared among them rather than given to the first). Why: XLA:CPU
+    differentiates ``reduce_window`` with select-and-scatter, which is 20-40x slower
+    than the slices' gradient (``experiments/bench_cpu_training.py --profile``).
+    """
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                    constant_values=-jnp.inf)
+    n, h, w, c = x.shape
+    out_h, out_w = (h - window) // stride + 1, (w - window) // stride + 1
+    out = None
+    for i in range(window):
+        for j in range(window):
+            piece = jax.lax.slice(x, (0, i, j, 0),
+                                  (n, i + stride * (out_h - 1) + 1,
+                                   j + stride * (out_w - 1) + 1, c), (1, stride, stride, 1))
+            out = piece if out is None else jnp.maximum(out, piece)
+    return out
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """(N, H, W, C) -> (N, C)."""
     return jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,243 @@
+"""Training throughput on the CPU: the toolkit's loop, a bare JAX step and PyTorch.
+
+    python experiments/bench_cpu_training.py [--arch small_cnn resnet20] [--rounds 5]
+
+For each architecture, on the same real Fashion-MNIST images (batch 128, SGD with
+momentum, forward + backward + update), it times in one process, alternating:
+
+* ``toolkit``: ``bayes_transfer.training.fit`` (the one training loop: batching,
+  sharding, progress, metrics);
+* ``bare``: one jitted Flax NNX + optax step over pre-loaded batches, compiled with each
+  set of XLA:CPU options in ``CANDIDATES`` (per-compilation options, so every candidate
+  runs in this same process);
+* ``torch``: the same layers in PyTorch (when installed), ``torch.set_num_threads`` =
+  the cores JAX sees.
+
+It prints images/s (median over rounds) and the ratios to PyTorch and to the bare JAX
+step. ``--profile`` also times each convolution of small_cnn alone (forward, gradient
+with respect to the input and to the kernel) in JAX and in PyTorch. Timings are
+medians of alternating rounds, so load from other processes hits every variant alike.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import bayes_transfer as bt
+
+_D = "LIBRARY_FUSION_TYPE_"
+#: XLA:CPU options tried for the bare step (name -> compiler options); the fusion-type
+#: values are the enum names XLA 0.10's flag parser accepts.
+CANDIDATES = {
+    "default": {},
+    "ynn dot": {"xla_cpu_experimental_ynn_fusion_type": f"{_D}INDIVIDUAL_DOT"},
+    "ynn dot+conv": {"xla_cpu_experimental_ynn_fusion_type":
+                     f"{_D}INDIVIDUAL_DOT,{_D}INDIVIDUAL_CONVOLUTION"},
+    "xnn dot+conv": {"xla_cpu_experimental_xnn_fusion_type":
+                     f"{_D}INDIVIDUAL_DOT,{_D}INDIVIDUAL_CONVOLUTION"},
+    "onednn": {"xla_cpu_use_onednn": True},
+}
+
+
+def _data(n: int):
+    train = bt.data.load("fashion_mnist", seed=0).train.subset(np.arange(n))
+    batches = list(bt.data.batches(train, 128, seed=0, epoch=0))
+    return train, batches
+
+
+def _bare_steps(model, batches, options: dict):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.sgd(0.05, momentum=0.9)
+
+    def step(params, rest, opt, x, y):
+        def loss(p):
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            logits = m(x, train=True)
+            return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(),
+                    nnx.state(m, nnx.Not(nnx.Param)))
+        (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), rest, opt, value
+
+    state = (params, rest, tx.init(params))
+    xs = [(jnp.asarray(b["image"]), jnp.asarray(b["label"])) for b in batches]
+    compiled = {name: jax.jit(step).lower(*state, *xs[0]).compile(compiler_options=o)
+                for name, o in options.items()}
+
+    def runner(fn):
+        def run():
+            p, r, o = state
+            for x, y in xs:
+                p, r, o, _ = fn(p, r, o, x, y)
+            jax.block_until_ready(p)
+        return run
+    return {f"bare {name}": runner(fn) for name, fn in compiled.items()}
+
+
+def _toolkit(model, train):
+    config = bt.TrainConfig(epochs=1, batch_size=128, optimizer="sgd", learning_rate=0.05,
+                            schedule="constant", progress=False)
+
+    def run():
+        jax.block_until_ready(bt.fit(model, train, bt.training.cross_entropy_loss,
+                                     config).state.params)
+    return run
+
+
+def _torch_model(arch: str, torch):
+    nn = torch.nn
+
+    def cbr(i, o, stride=1):
+        return [nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+
+    if arch == "small_cnn":
+        return nn.Sequential(*cbr(1, 32), nn.MaxPool2d(2), *cbr(32, 64), *cbr(64, 64),
+                             nn.MaxPool2d(2), *cbr(64, 128), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(128, 10))
+
+    class Block(nn.Module):          # CIFAR BasicBlock, option-A shortcut
+        def __init__(self, i, o, stride):
+            super().__init__()
+            self.body = nn.Sequential(*cbr(i, o, stride), nn.Conv2d(o, o, 3, 1, 1, bias=False),
+                                      nn.BatchNorm2d(o))
+            self.stride, self.extra = stride, o - i
+
+        def forward(self, x):
+            s = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+            if self.extra:
+                s = nn.functional.pad(s, (0, 0, 0, 0, self.extra // 2,
+                                          self.extra - self.extra // 2))
+            return torch.relu(self.body(x) + s)
+
+    layers, ch = cbr(1, 16), 16
+    for i, planes in enumerate((16, 32, 64)):
+        for j in range(3):
+            layers.append(Block(ch, planes, 2 if i > 0 and j == 0 else 1))
+            ch = planes
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+def _torch(arch: str, batches, torch):
+    model = _torch_model(arch, torch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    xs = [(torch.from_numpy(np.ascontiguousarray(b["image"].transpose(0, 3, 1, 2))),
+           torch.from_numpy(b["label"].astype(np.int64))) for b in batches]
+
+    def run():
+        for x, y in xs:
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return run
+
+
+def _time(fns: dict, rounds: int, images: int) -> tuple[dict, dict]:
+    """({name: images per wall second}, {name: images per CPU second of this process})."""
+    for fn in fns.values():      # warm-up: compiles
+        fn()
+    wall, cpu = ({name: [] for name in fns} for _ in range(2))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    return ({name: images / statistics.median(ts) for name, ts in wall.items()},
+            {name: images / statistics.median(ts) for name, ts in cpu.items()})
+
+
+def _profile_convs(torch, reps: int = 7) -> None:
+    """Each small_cnn convolution alone: JAX forward, dx, dw vs PyTorch fwd, fwd+bwd."""
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def ms(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            ts.append(time.perf_counter() - t)
+        return 1e3 * statistics.median(ts)
+
+    print("\nper convolution, batch 128 (ms): JAX fwd / dx / dw, PyTorch fwd / fwd+bwd")
+    for hw, cin, cout in ((28, 1, 32), (14, 32, 64), (14, 64, 64), (7, 64, 128)):
+        x, w = jnp.ones((128, hw, hw, cin)), jnp.full((3, 3, cin, cout), 0.01)
+        g = jnp.ones((128, hw, hw, cout))
+        fwd = jax.jit(conv)
+        dx = jax.jit(lambda g: jax.vjp(conv, x, w)[1](g)[0])
+        dw = jax.jit(lambda g: jax.vjp(conv, x, w)[1](g)[1])
+        tx = torch.ones(128, cin, hw, hw, requires_grad=True)
+        tw = torch.full((cout, cin, 3, 3), 0.01, requires_grad=True)
+        tg = torch.ones(128, cout, hw, hw)
+
+        def t_fwd():
+            with torch.no_grad():
+                return torch.nn.functional.conv2d(tx, tw, padding=1)
+
+        def t_both():
+            y = torch.nn.functional.conv2d(tx, tw, padding=1)
+            return torch.autograd.grad(y, (tx, tw), tg)
+
+        j = [ms(lambda: fwd(x, w)), ms(lambda: dx(g)), ms(lambda: dw(g))]
+        t = [ms(t_fwd), ms(t_both)]
+        print(f"  {hw:2d}x{hw:<2d} {cin:3d}->{cout:<3d}  JAX {j[0]:6.2f} {j[1]:6.2f} {j[2]:6.2f}"
+              f"  (sum {sum(j):6.2f})   PyTorch {t[0]:6.2f} {t[1]:6.2f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", nargs="+", default=["small_cnn", "resnet20"])
+    p.add_argument("--images", type=int, default=2048)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--candidates", nargs="*", default=list(CANDIDATES),
+                   help="XLA:CPU option sets for the bare step (names of CANDIDATES)")
+    p.add_argument("--profile", action="store_true", help="also time each convolution")
+    p.add_argument("--one-thread", action="store_true",
+                   help="JAX and PyTorch on one thread each (a fair work comparison on a "
+                        "machine other jobs share)")
+    args = p.parse_args(argv)
+    if args.one_thread:      # before JAX starts its backend, which reads XLA_FLAGS
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1").strip()
+    try:
+        import torch
+        torch.set_num_threads(1 if args.one_thread else os.cpu_count() or 1)
+    except ImportError:
+        torch = None
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{len(jax.devices())}, "
+          f"{os.cpu_count()} cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"torch {torch.__version__ if torch else 'not installed'}")
+    train, batches = _data(args.images)
+    images = len(batches) * 128
+    for arch in args.arch:
+        model = bt.models.create(arch, 10, seed=0)
+        fns = {"toolkit": _toolkit(model, train),
+               **_bare_steps(model, batches, {k: CANDIDATES[k] for k in args.candidates})}
+        if torch is not None:
+            fns["torch"] = _torch(arch, batches, torch)
+        rates = _time(fns, args.rounds, images)
+        print(f"\n{arch}: median of {args.rounds} alternating rounds of {len(batches)} steps")
+        for label, rate in zip(("images/s (wall)", "images per CPU-second"), rates):
+            print(f"  {label}")
+            base = rate.get("bare default")
+            for name, r in rate.items():
+                ratios = [f"x{r / base:.2f} bare default" if base else "",
+                          f"x{r / rate['torch']:.2f} PyTorch" if "torch" in rate else ""]
+                print(f"    {name:18s} {r:7.0f}   " + "   ".join(x for x in ratios if x))
+    if args.profile and torch is not None:
+        _profile_convs(torch)
+
+
+if __name__ == "__main__":
+    main()
