@@ -25,6 +25,7 @@ from flax import nnx
 from bayes_transfer import data as btdata
 from bayes_transfer.errors import BayesTransferError
 from bayes_transfer.evaluation import metrics as btmetrics
+from bayes_transfer.inference.evidence import EvidenceConfig, fit_with_evidence
 from bayes_transfer.params import flatten_with_paths, map_with_paths, top_block_paths
 from bayes_transfer.prior import METHODS, Prior, restrict_prior
 from bayes_transfer.training import TrainConfig, TrainResult, fit, map_loss, predict, split_model
@@ -75,6 +76,8 @@ class FinetuneConfig:
     layer_lr_decay: float = 1.0      # ×γ per transferred block further from the top
     l2: float = 0.0                  # plain L2, ½·l2·‖θ‖² over every trainable parameter,
                                      # on top of the prior (L2-SP + L2) and head_decay
+    # scale="evidence": λ learned in one run (bayes_transfer.inference.evidence)
+    evidence: EvidenceConfig = EvidenceConfig()
 
 
 @dataclasses.dataclass
@@ -86,6 +89,8 @@ class FinetuneResult:
     sweep: list[dict]                 # every candidate: scale, variance, val metrics
     result: TrainResult               # the chosen run (params, state, history)
     test_probs: np.ndarray | None = None
+    # scale="evidence": λ after each update (and at the end, not applied); else empty
+    evidence_trace: list[dict] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict:
         return {"method": self.method, "scale": self.scale, **self.metrics}
@@ -159,6 +164,9 @@ def finetune(
     optimizer = layer_lr_optimizer(config, num_train, method_prior.spec.paths, params)
     evaluate = evaluate_classification if evaluate is None else evaluate
     sign = -1.0 if config.select_by in HIGHER_IS_BETTER else 1.0
+    if scale == "evidence":
+        return _finetune_evidence(model, splits, method, method_prior, params, loss,
+                                  optimizer, config, evaluate, loss_fn is not None)
     if scale == "auto":
         grid = scale_grid(method_prior, config.variances, config.include_no_prior)
     else:
@@ -192,6 +200,30 @@ def finetune(
     return FinetuneResult(method=method, scale=best["scale"], metrics=_floats(test),
                           val_metrics=best["val"], sweep=sweep, result=best["result"],
                           test_probs=test_probs)
+
+
+def _finetune_evidence(model, splits, method, method_prior, params, loss, optimizer,
+                       config: FinetuneConfig, evaluate, custom_loss: bool) -> FinetuneResult:
+    """One run with λ learned by the Laplace evidence (``bayes_transfer.inference.evidence``)."""
+    train = dataclasses.replace(config.train, desc=f"{method} λ=evidence")
+    if method_prior.kind == "flat":        # nothing to learn: one plain run
+        result, lam, trace = fit(model, splits.train, loss, train, aux=method_prior,
+                                 params=params, optimizer=optimizer), math.inf, []
+    else:
+        if custom_loss:
+            raise BayesTransferError("scale='evidence' needs the classification likelihood "
+                                     "(its curvature); it does not take a custom loss_fn")
+        result, lam, trace = fit_with_evidence(
+            model, splits.train, loss, train, method_prior, config=config.evidence,
+            params=params, optimizer=optimizer, extra_curvature=len(splits.train) * config.l2,
+            head_precision=len(splits.train) * config.head_decay)
+    val = _floats(evaluate(result, splits.val)[0]) if len(splits.val) else {}
+    test, test_probs = evaluate(result, splits.test)
+    base = 1.0 if method_prior.kind == "flat" else float(jnp.mean(method_prior.base_variance()))
+    sweep = [{"scale": lam, "variance": lam * base, "val": val}]
+    return FinetuneResult(method=method, scale=lam, metrics=_floats(test), val_metrics=val,
+                          sweep=sweep, result=result, test_probs=test_probs,
+                          evidence_trace=trace)
 
 
 def _finite_or_inf(x: float) -> float:

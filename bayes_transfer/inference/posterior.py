@@ -34,7 +34,8 @@ class PosteriorConfig:
 
     Attributes:
       prior_method: the prior each sample is drawn under (``Prior.for_method``).
-      scale: λ, or ``"auto"``: the λ MAP fine-tuning chooses on validation.
+      scale: λ, or ``"auto"``: the λ MAP fine-tuning chooses on validation, or
+        ``"evidence"``: the λ it learns in one run (``bayes_transfer.inference.evidence``).
       start: ``"map"`` (the chain/SWAG starts from the MAP solution) or ``"prior"``
         (from the prior mean with a fresh head; SGLD only, needs a numeric scale).
       map: the MAP fine-tuning settings (``FinetuneConfig``).
@@ -108,7 +109,7 @@ def sample_posterior(model, splits, prior, method: str = "sgld", samples: int = 
 
     graphdef, params, rest = split_model(model)
     map_metrics = None
-    if config.start == "map" or config.scale == "auto":
+    if config.start == "map" or config.scale in ("auto", "evidence"):
         if map_result is None:
             map_result = finetune(model, splits, prior, config.prior_method,
                                   scale=config.scale, config=config.map)

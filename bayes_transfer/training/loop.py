@@ -14,7 +14,6 @@ run.
 from __future__ import annotations
 
 import functools
-import itertools
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -47,32 +46,28 @@ def fit(
     params=None,
     opt_state=None,
     eval_fn: Callable[[TrainResult], dict] | None = None,
+    on_step: Callable[[int, TrainResult, Any], Any] | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``dataset`` by minimising ``loss_fn``.
-
-    ``dataset`` is an ``ArrayDataset`` (in memory) or a ``StreamedDataset`` (decoded by
-    grain worker processes, each host reading its share of every batch); the loop sees
-    only batches (``bayes_transfer.data.batch_stream``).
+    """Train ``model`` on ``dataset`` (an ``ArrayDataset``) by minimising ``loss_fn``.
 
     ``swag`` is a SWAG collector (``bayes_transfer.swag.swag_collector``) updated after
     every optimizer step; ``params`` overrides the model's initial parameters (for
     instance a prior's mean); ``opt_state`` overrides ``optimizer.init(params)``, to
     continue a run's optimizer state over several calls (an SGLD chain's PRNG key and
     step count, see ``bayes_transfer.inference.sgld``); ``eval_fn`` is called at the end
-    of each epoch with the current result and its dict goes into the history.
+    of each epoch with the current result and its dict goes into the history;
+    ``on_step(step, result, aux)`` is called after every step and returns the ``aux``
+    of the next steps (the same object: unchanged), e.g. a prior whose λ is learned
+    (``bayes_transfer.inference.evidence``).
     """
     graphdef, model_params, rest = split_model(model)
     params = model_params if params is None else params
-    # The batches: in memory or streamed, one interface (bayes_transfer.data.pipeline).
-    stream = btdata.batch_stream(dataset, config.batch_size, seed=config.seed,
-                                 augment=config.augment, flip=config.flip)
-    steps_per_epoch = stream.steps_per_epoch
+    steps_per_epoch = btdata.num_batches(dataset, config.batch_size)
     total_steps = config.total_steps(steps_per_epoch)
     tx = optimizer or make_optimizer(config, total_steps)
 
     mesh = data_mesh()
-    step_fn = _compiled_step(graphdef, loss_fn, tx, stream.device_augment, config.flip, swag,
-                             mesh)
+    step_fn = _compiled_step(graphdef, loss_fn, tx, config.augment, config.flip, swag, mesh)
 
     replicated = NamedSharding(mesh, P())
     state = TrainState(jnp.zeros((), jnp.int32), params, rest,
@@ -84,12 +79,8 @@ def fit(
 
     manager = _checkpoint_manager(config)
     if manager is not None and manager.latest_step() is not None:
-        state = _restore(manager, state, replicated, stream)
+        state = _restore(manager, state, replicated)
     start = int(state.step)
-    # Batches of steps start.., placed on the devices a few steps ahead, in a thread.
-    batches = btdata.prefetch(stream.iterator(start, total_steps),
-                              functools.partial(shard_batch, mesh=mesh,
-                                                local=stream.process_local))
 
     history: list[dict] = []
     key0 = jax.random.PRNGKey(config.seed)
@@ -101,19 +92,29 @@ def fit(
     metrics = {}
     epoch = start // steps_per_epoch
     while step < total_steps:
-        # The rest of this epoch (all of it, unless resumed mid-epoch).
-        for batch in itertools.islice(batches, min(total_steps, (epoch + 1) * steps_per_epoch)
-                                      - step):
+        skip = step - epoch * steps_per_epoch
+        for i, batch in enumerate(btdata.batches(dataset, config.batch_size, seed=config.seed,
+                                                 epoch=epoch)):
+            if i < skip:
+                continue
+            if step >= total_steps:
+                break
             key = jax.random.fold_in(key0, step)
-            state, metrics = step_fn(state, batch, key, aux)
+            state, metrics = step_fn(state, shard_batch(batch, mesh), key, aux)
             step += 1
             seen += len(batch["label"]) if "label" in batch else len(batch["image"])
             bar.update(1)
             if step % 10 == 0 or step == total_steps:
                 rate = seen / (time.perf_counter() - tic)
-                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", img_s=f"{rate:.0f}")
+                shown = {k: f"{float(metrics[k]):.4f}" for k in ("loss", "nll", "prior")
+                         if k in metrics}
+                bar.set_postfix(**shown, img_s=f"{rate:.0f}")
+            if on_step is not None:
+                new_aux = on_step(step, TrainResult(graphdef, state, history), aux)
+                if new_aux is not aux:
+                    aux = place_aux(new_aux, mesh)
             if manager is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-                _save(manager, step, state, stream)
+                _save(manager, step, state)
         epoch += 1
         record = {"epoch": epoch, "step": step,
                   **{k: float(v) for k, v in jax.device_get(metrics).items()}}
@@ -121,11 +122,10 @@ def fit(
             record.update(eval_fn(TrainResult(graphdef, state, history)))
         history.append(record)
         if manager is not None and not config.checkpoint_every:
-            _save(manager, step, state, stream)
-    batches.close()
+            _save(manager, step, state)
     bar.close()
     if manager is not None:
-        _save(manager, step, state, stream)
+        _save(manager, step, state)
         manager.wait_until_finished()
         manager.close()
     return TrainResult(graphdef, state, history)
@@ -168,25 +168,19 @@ def _checkpoint_manager(config: TrainConfig):
     return ocp.CheckpointManager(path, options=options)
 
 
-def _save(manager, step: int, state: TrainState, stream) -> None:
-    """The state and the data position (``stream.state``: which batch comes next)."""
+def _save(manager, step: int, state: TrainState) -> None:
     if manager.latest_step() == step:
         return
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=ocp.args.JsonSave(stream.state(step))))
+    manager.save(step, args=ocp.args.StandardSave(state))
 
 
-def _restore(manager, state: TrainState, sharding, stream) -> TrainState:
-    """The latest checkpoint's state; its data position must be this stream's."""
+def _restore(manager, state: TrainState, sharding) -> TrainState:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
     try:
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # orbax raises many types; the user needs one message
         raise BayesTransferError(
             f"cannot resume from the checkpoint in {manager.directory}: {e}. It was written "
             f"by a different model, optimizer or SWAG setting; use a new --checkpoint-dir or "
             f"delete this one to start over") from e
-    stream.check_state(restored["data"], int(restored["state"].step))
-    return restored["state"]
