@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import shlex
 
-from bayes_transfer import data, models
+from bayes_transfer import models
 from bayes_transfer.analysis.suggest import suggest
 from bayes_transfer.cli import segmentation
 from bayes_transfer.cli.common import add_data_args, classes, is_primary, write_report
+from bayes_transfer.cli.datasets import input_of, load_splits, positive_int
 from bayes_transfer.hub import load_prior
 from bayes_transfer.inference.map import FinetuneConfig, finetune
 from bayes_transfer.inference.posterior import PosteriorConfig, sample_posterior
@@ -20,13 +21,21 @@ def _line(name: str, metrics: dict, keys=("error", "nll", "ece", "brier")) -> st
     return name + " " + " ".join(f"{k}={metrics[k]:.4f}" for k in keys)
 
 
+def _target_splits(args, prior):
+    """The few-shot target task, fed to the model as the prior's source was: its input
+    size, channels and normalisation (a built-in dataset: its channels)."""
+    channels = models.prior_architecture(prior).get("in_channels", 1)
+    spec = input_of((prior.metadata.get("source") or {}).get("input"))
+    return load_splits(args, spec=spec, channels=channels, shots_per_class=args.shots,
+                       classes=classes(args.classes))
+
+
 def cmd_finetune(args) -> None:
     if args.task == "segmentation":
         segmentation.run_finetune(args)
         return
     prior = load_prior(args.prior)
-    splits = data.load(args.dataset, shots_per_class=args.shots, classes=classes(args.classes),
-                       seed=args.seed, data_dir=args.data_dir)
+    splits = _target_splits(args, prior)
     methods = METHODS if args.method == ["all"] else args.method
     config = FinetuneConfig(train=TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
@@ -60,8 +69,7 @@ def cmd_finetune(args) -> None:
 
 def cmd_suggest(args) -> None:
     prior = load_prior(args.prior)
-    splits = data.load(args.dataset, shots_per_class=args.shots, classes=classes(args.classes),
-                       seed=args.seed, data_dir=args.data_dir)
+    splits = _target_splits(args, prior)
     s = suggest(prior, splits, seed=args.seed)
     scale = s.scale(prior, args.method)
     print(s.explain())
@@ -84,7 +92,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune under a prior (λ chosen on validation)")
     p.add_argument("--prior", required=True, help="prior name, path or URL")
     add_data_args(p, default="mnist_5k")
-    p.add_argument("--shots", type=int, default=10, help="examples per class (default 10)")
+    p.add_argument("--shots", type=positive_int, default=10,
+                   help="examples per class (default 10)")
     p.add_argument("--method", nargs="+", default=["lowrank"],
                    help=f"one or more of {', '.join(METHODS)} (MAP), sgld or swag "
                         f"(samples + model averaging), or 'all' (every MAP method)")
@@ -113,7 +122,8 @@ def add_parsers(sub) -> None:
                        "transferability measure, before fine-tuning")
     p.add_argument("--prior", required=True, help="prior name, path or URL")
     add_data_args(p, default="mnist_5k")
-    p.add_argument("--shots", type=int, default=10, help="examples per class (default 10)")
+    p.add_argument("--shots", type=positive_int, default=10,
+                   help="examples per class (default 10)")
     p.add_argument("--method", default="lowrank", choices=METHODS,
                    help="the prior the λ is for (default lowrank)")
     p.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,7 @@ run.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -48,7 +49,11 @@ def fit(
     eval_fn: Callable[[TrainResult], dict] | None = None,
     on_step: Callable[[int, TrainResult, Any], Any] | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``dataset`` (an ``ArrayDataset``) by minimising ``loss_fn``.
+    """Train ``model`` on ``dataset`` by minimising ``loss_fn``.
+
+    ``dataset`` is an ``ArrayDataset`` (in memory) or a ``StreamedDataset`` (decoded by
+    grain worker processes, each host reading its share of every batch); the loop sees
+    only batches (``bayes_transfer.data.batch_stream``).
 
     ``swag`` is a SWAG collector (``bayes_transfer.swag.swag_collector``) updated after
     every optimizer step; ``params`` overrides the model's initial parameters (for
@@ -62,12 +67,16 @@ def fit(
     """
     graphdef, model_params, rest = split_model(model)
     params = model_params if params is None else params
-    steps_per_epoch = btdata.num_batches(dataset, config.batch_size)
+    # The batches: in memory or streamed, one interface (bayes_transfer.data.pipeline).
+    stream = btdata.batch_stream(dataset, config.batch_size, seed=config.seed,
+                                 augment=config.augment, flip=config.flip)
+    steps_per_epoch = stream.steps_per_epoch
     total_steps = config.total_steps(steps_per_epoch)
     tx = optimizer or make_optimizer(config, total_steps)
 
     mesh = data_mesh()
-    step_fn = _compiled_step(graphdef, loss_fn, tx, config.augment, config.flip, swag, mesh)
+    step_fn = _compiled_step(graphdef, loss_fn, tx, stream.device_augment, config.flip, swag,
+                             mesh)
 
     replicated = NamedSharding(mesh, P())
     state = TrainState(jnp.zeros((), jnp.int32), params, rest,
@@ -79,8 +88,12 @@ def fit(
 
     manager = _checkpoint_manager(config)
     if manager is not None and manager.latest_step() is not None:
-        state = _restore(manager, state, replicated)
+        state = _restore(manager, state, replicated, stream)
     start = int(state.step)
+    # Batches of steps start.., placed on the devices a few steps ahead, in a thread.
+    batches = btdata.prefetch(stream.iterator(start, total_steps),
+                              functools.partial(shard_batch, mesh=mesh,
+                                                local=stream.process_local))
 
     history: list[dict] = []
     key0 = jax.random.PRNGKey(config.seed)
@@ -92,15 +105,11 @@ def fit(
     metrics = {}
     epoch = start // steps_per_epoch
     while step < total_steps:
-        skip = step - epoch * steps_per_epoch
-        for i, batch in enumerate(btdata.batches(dataset, config.batch_size, seed=config.seed,
-                                                 epoch=epoch)):
-            if i < skip:
-                continue
-            if step >= total_steps:
-                break
+        # The rest of this epoch (all of it, unless resumed mid-epoch).
+        for batch in itertools.islice(batches, min(total_steps, (epoch + 1) * steps_per_epoch)
+                                      - step):
             key = jax.random.fold_in(key0, step)
-            state, metrics = step_fn(state, shard_batch(batch, mesh), key, aux)
+            state, metrics = step_fn(state, batch, key, aux)
             step += 1
             seen += len(batch["label"]) if "label" in batch else len(batch["image"])
             bar.update(1)
@@ -114,7 +123,7 @@ def fit(
                 if new_aux is not aux:
                     aux = place_aux(new_aux, mesh)
             if manager is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-                _save(manager, step, state)
+                _save(manager, step, state, stream)
         epoch += 1
         record = {"epoch": epoch, "step": step,
                   **{k: float(v) for k, v in jax.device_get(metrics).items()}}
@@ -122,10 +131,11 @@ def fit(
             record.update(eval_fn(TrainResult(graphdef, state, history)))
         history.append(record)
         if manager is not None and not config.checkpoint_every:
-            _save(manager, step, state)
+            _save(manager, step, state, stream)
+    batches.close()
     bar.close()
     if manager is not None:
-        _save(manager, step, state)
+        _save(manager, step, state, stream)
         manager.wait_until_finished()
         manager.close()
     return TrainResult(graphdef, state, history)
@@ -168,19 +178,25 @@ def _checkpoint_manager(config: TrainConfig):
     return ocp.CheckpointManager(path, options=options)
 
 
-def _save(manager, step: int, state: TrainState) -> None:
+def _save(manager, step: int, state: TrainState, stream) -> None:
+    """The state and the data position (``stream.state``: which batch comes next)."""
     if manager.latest_step() == step:
         return
-    manager.save(step, args=ocp.args.StandardSave(state))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=ocp.args.JsonSave(stream.state(step))))
 
 
-def _restore(manager, state: TrainState, sharding) -> TrainState:
+def _restore(manager, state: TrainState, sharding, stream) -> TrainState:
+    """The latest checkpoint's state; its data position must be this stream's."""
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
     try:
-        return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types; the user needs one message
         raise BayesTransferError(
             f"cannot resume from the checkpoint in {manager.directory}: {e}. It was written "
             f"by a different model, optimizer or SWAG setting; use a new --checkpoint-dir or "
             f"delete this one to start over") from e
+    stream.check_state(restored["data"], int(restored["state"].step))
+    return restored["state"]
