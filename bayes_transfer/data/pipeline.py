@@ -30,8 +30,11 @@ thread, a few batches ahead, so input overlaps the step.
 from __future__ import annotations
 
 import gc
+import os
 import queue
+import signal
 import threading
+import time
 from typing import Callable, Iterator
 
 import numpy as np
@@ -57,6 +60,26 @@ def _grain():
     import grain
 
     return grain
+
+
+def exit_with_parent(worker_index: int = 0, worker_count: int = 1) -> None:
+    """grain ``worker_init_fn``: the worker ends when the training process dies, even by
+    SIGKILL (a preempted or OOM-killed run leaves no decoding processes behind)."""
+    del worker_index, worker_count
+    parent = os.getppid()
+    try:                                   # Linux: the kernel sends SIGKILL
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch():                           # elsewhere (and as a fallback): poll
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="bt-exit-with-parent").start()
 
 
 def _check_state(saved: dict | None, expected: dict, step: int) -> None:
@@ -158,7 +181,8 @@ class StreamIterator:
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
         if workers:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                             per_worker_buffer_size=2))
+                                                             per_worker_buffer_size=2),
+                                worker_init_fn=exit_with_parent)
         self._it = iter(ds)
         self._workers = workers
         self._normalization = normalization
@@ -307,7 +331,8 @@ def find_unreadable(dataset, chunk: int = 64) -> list[tuple[int, str]]:
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     workers = _pass_workers(dataset, len(dataset))
     if workers:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                            worker_init_fn=exit_with_parent)
     it = iter(ds)
     try:
         return [item for _ in range(chunks) for item in next(it)]
