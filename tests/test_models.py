@@ -383,13 +383,16 @@ def test_torchvision_state_dict_roundtrip():
 @pytest.mark.parametrize("shape, window, stride, padding", [
     ((4, 28, 28, 3), 2, 2, 0), ((2, 7, 9, 5), 2, 2, 0), ((2, 15, 15, 4), 3, 2, 1),
     ((2, 16, 16, 4), 3, 2, 1)])
-def test_max_pool_equals_flax_max_pool_values_and_gradient(shape, window, stride, padding):
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_equals_flax_max_pool_values_and_gradient(shape, window, stride, padding,
+                                                           ties):
     """The strided-slice max-pool (fast to differentiate on XLA:CPU) against flax's
-    reduce_window one: the same values, and the same gradient where no window holds a tie
-    (random inputs have none)."""
+    reduce_window one: the same values and the same gradient, also where windows hold
+    tied maxima (ReLU zeros, flat image backgrounds): the first maximum takes it."""
     from bayes_transfer.models._base import max_pool
 
-    x = jnp.asarray(np.random.RandomState(0).randn(*shape).astype(np.float32))
+    x = np.random.RandomState(0).randn(*shape).astype(np.float32)
+    x = jnp.asarray(np.maximum(np.round(x), 0) if ties else x)
     pad = ((padding, padding), (padding, padding)) if padding else "VALID"
 
     def flax_pool(x):

@@ -7,6 +7,8 @@ default rule (``^backbone/``) selects.
 """
 from __future__ import annotations
 
+import functools
+
 import re
 from typing import Any
 
@@ -57,24 +59,60 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Ar
     """``nnx.max_pool(x, (window, window), strides=(stride, stride), padding=...)`` on NHWC
     maps, written as the maximum of ``window²`` strided slices.
 
-    The same values; the gradient is the same too except where a window holds tied
-    maxima (it is then shared among them rather than given to the first). Why: XLA:CPU
-    differentiates ``reduce_window`` with select-and-scatter, which is 20-40x slower
-    than the slices' gradient (``experiments/bench_cpu_training.py --profile``).
+    The same values and the same gradient: each window's gradient goes to its first
+    maximum in row-major order, as XLA's select-and-scatter gives it. Why: XLA:CPU's
+    select-and-scatter is 20-40x slower than these slices and selects
+    (``experiments/bench_cpu_training.py``, ``docs/benchmarks.md``).
     """
+    return _max_pool(x, window, stride, padding)
+
+
+def _pool_slices(x, window: int, stride: int, padding: int):
+    """The padded input's ``window²`` strided slices, one per window offset (row-major)."""
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
                     constant_values=-jnp.inf)
     n, h, w, c = x.shape
     out_h, out_w = (h - window) // stride + 1, (w - window) // stride + 1
+
+    def piece(x, i, j):
+        return jax.lax.slice(x, (0, i, j, 0), (n, i + stride * (out_h - 1) + 1,
+                                                j + stride * (out_w - 1) + 1, c),
+                             (1, stride, stride, 1))
+    return x, [(i, j) for i in range(window) for j in range(window)], piece
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, stride, padding):
+    padded, offsets, piece = _pool_slices(x, window, stride, padding)
     out = None
-    for i in range(window):
-        for j in range(window):
-            piece = jax.lax.slice(x, (0, i, j, 0),
-                                  (n, i + stride * (out_h - 1) + 1,
-                                   j + stride * (out_w - 1) + 1, c), (1, stride, stride, 1))
-            out = piece if out is None else jnp.maximum(out, piece)
+    for i, j in offsets:
+        p = piece(padded, i, j)
+        out = p if out is None else jnp.maximum(out, p)
     return out
+
+
+def _max_pool_fwd(x, window, stride, padding):
+    out = _max_pool(x, window, stride, padding)
+    return out, (x, out)
+
+
+def _max_pool_bwd(window, stride, padding, saved, g):
+    x, out = saved
+    padded, offsets, piece = _pool_slices(x, window, stride, padding)
+    taken = jnp.zeros(out.shape, bool)
+    grad = jnp.zeros_like(padded)
+    for i, j in offsets:
+        first = (piece(padded, i, j) == out) & ~taken     # the first maximum takes it all
+        taken = taken | first
+        _, scatter = jax.vjp(lambda t, i=i, j=j: piece(t, i, j), padded)
+        grad = grad + scatter(jnp.where(first, g, 0).astype(g.dtype))[0]
+    if padding:
+        grad = grad[:, padding:-padding, padding:-padding, :]
+    return (grad,)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
