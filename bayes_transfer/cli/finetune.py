@@ -27,7 +27,8 @@ def _target_splits(args, prior):
     channels = models.prior_architecture(prior).get("in_channels", 1)
     spec = input_of((prior.metadata.get("source") or {}).get("input"))
     return load_splits(args, spec=spec, channels=channels, shots_per_class=args.shots,
-                       classes=classes(args.classes))
+                       classes=classes(args.classes),
+                       val_from_shots=getattr(args, "val_from_shots", False))
 
 
 def cmd_finetune(args) -> None:
@@ -40,7 +41,9 @@ def cmd_finetune(args) -> None:
     config = FinetuneConfig(train=TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         learning_rate=args.lr, seed=args.seed, desc="finetune"), head_decay=args.head_decay,
-        reinit_top=args.reinit_top)
+        reinit_top=args.reinit_top, learning_rates=args.learning_rates,
+        weight_decays=args.weight_decays, max_extensions=args.extend_grid,
+        refit=args.val_from_shots)
     results, cache = [], {}
     scale = args.scale if args.scale in ("auto", "evidence") else float(args.scale)
     for method in methods:
@@ -56,8 +59,23 @@ def cmd_finetune(args) -> None:
             continue
         res = finetune(model, splits, prior, method, scale=scale, config=config, cache=cache)
         results.append({**res.summary(), "val": res.val_metrics, "sweep": res.sweep,
-                        "evidence_trace": res.evidence_trace})
-        print(_line(f"{method:10s} λ={res.scale:<9.3g}", res.metrics))
+                        "evidence_trace": res.evidence_trace, "budget": res.budget,
+                        "steps": res.steps, "seconds": res.seconds,
+                        "learning_rate": res.learning_rate, "weight_decay": res.weight_decay,
+                        "grid_extended": res.grid_extended, "grid_clipped": res.grid_clipped})
+        print(_line(f"{method:10s} λ={res.scale:<9.3g}", res.metrics)
+              + f" ({res.budget} configurations, {res.steps} steps, {res.seconds:.0f} s"
+              + (f", lr={res.learning_rate:g}" if args.learning_rates else "")
+              + (f", wd={res.weight_decay:g}" if args.weight_decays and method == "standard"
+                 else "") + ")")
+        if res.grid_extended:
+            added = ", ".join(f"{e['variance']:g}" for e in res.grid_extended)
+            print(f"{'':10s} validation chose an end of the grid: extended it to v = {added}"
+                  + (f"; still at the end after {args.extend_grid} decades (raise "
+                     f"--extend-grid)" if res.grid_clipped else ""))
+        elif res.grid_clipped:
+            print(f"{'':10s} validation chose an end of the grid (--extend-grid N tries "
+                  f"N decades further)")
         if res.evidence_trace:
             path = " → ".join(f"{t['variance']:.3g}" for t in res.evidence_trace[:-1])
             print(f"{'':10s} evidence: v = λ·mean diag Σ₀ went {path} (at the end the "
@@ -108,6 +126,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--optimizer", default="adam", choices=["sgd", "adam", "adamw"])
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--learning-rates", type=float, nargs="+", default=None,
+                   help="a learning-rate grid chosen on validation with λ (equal budgets; "
+                        "default: --lr alone)")
+    p.add_argument("--weight-decays", type=float, nargs="+", default=None,
+                   help="the weight-decay grid of standard fine-tuning, which has no λ "
+                        "(give it as many values as the λ grid has, no prior included)")
+    p.add_argument("--extend-grid", type=int, default=3,
+                   help="when validation picks an end of the λ grid, try up to N decades "
+                        "further (default 3; 0: never)")
+    p.add_argument("--val-from-shots", action="store_true",
+                   help="--shots is the whole labelled budget: hold out a fifth of it to "
+                        "choose, then retrain the choice on all of it")
     p.add_argument("--head-decay", type=float, default=1e-4)
     p.add_argument("--reinit-top", type=int, default=0,
                    help="re-initialise the top k backbone blocks (outside the prior)")

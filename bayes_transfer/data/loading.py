@@ -27,10 +27,12 @@ from bayes_transfer.data.data_dirs import (ALLOW_DOWNLOAD_ENV, DATA_DIR_ENV, DEF
 from bayes_transfer.data.errors import DataOptionError, DatasetNotFoundError, UnknownDatasetError
 from bayes_transfer.data.mixing import is_mix, load_mix_arrays
 from bayes_transfer.data.open_dataset import is_external, open_parts
-from bayes_transfer.data.splitting import (complement, few_shot_indices, noisy_labels,
-                                           relabel_classes, stratified_holdout)
+from bayes_transfer.data.splitting import (complement, complement_of, few_shot_indices,
+                                           holdout_within, noisy_labels, relabel_classes,
+                                           stratified_holdout)
 
 VAL_FRACTION = 0.1
+VAL_FROM_SHOTS_FRACTION = 0.2   # of the k shots, with val_from_shots
 MIN_VAL_PER_CLASS = 10
 
 
@@ -192,7 +194,8 @@ def _check_shots(dataset, need: int, what: str) -> None:
 
 def split_dataset(train: ArrayDataset, test: ArrayDataset, *, shots_per_class: int | None = None,
                   val_per_class: int | None = None, classes: Sequence[int] | None = None,
-                  label_noise: float = 0.0, seed: int = 0, val=None) -> Splits:
+                  label_noise: float = 0.0, seed: int = 0, val=None,
+                  val_from_shots: bool = False) -> Splits:
     """The split logic of `load`, for datasets you already have (see `load`).
 
     ``val``: a validation split of its own (a folder's ``val/`` beside its ``test/``);
@@ -205,6 +208,9 @@ def split_dataset(train: ArrayDataset, test: ArrayDataset, *, shots_per_class: i
     if classes is not None:
         train, test = select_classes(train, classes), select_classes(test, classes)
         val = None if val is None else select_classes(val, classes)
+    if val_from_shots and shots_per_class is not None:
+        return _with_noise(_val_from_shots(train, test, shots_per_class, val_per_class, seed),
+                           label_noise, seed)
     if val is not None:
         if shots_per_class is not None:
             _check_shots(train, shots_per_class, f"{shots_per_class} shots per class")
@@ -233,6 +239,22 @@ def split_dataset(train: ArrayDataset, test: ArrayDataset, *, shots_per_class: i
     return _with_noise(Splits(train=train, val=val, test=test), label_noise, seed)
 
 
+def _val_from_shots(train, test, shots: int, val_per_class: int | None, seed: int) -> Splits:
+    """The k shots per class are every label: ``val_per_class`` of them (default
+    max(1, round(k/5))) are the validation split, the rest train; train ∪ val is the
+    k-shot training set of the default split (the same seed draws the same k)."""
+    k = (max(1, round(shots * VAL_FROM_SHOTS_FRACTION)) if val_per_class is None
+         else int(val_per_class))
+    if not 0 < k < shots:
+        raise DataOptionError(f"val_from_shots: the validation examples per class ({k}) "
+                              f"must be between 1 and shots_per_class - 1 ({shots - 1})")
+    _check_shots(train, shots, f"{shots} shots per class")
+    labelled = few_shot_indices(train.labels, shots, seed)
+    val_idx = holdout_within(train.labels, labelled, k, seed)
+    return Splits(train=train.subset(complement_of(labelled, val_idx)),
+                  val=train.subset(val_idx), test=test)
+
+
 def _with_noise(splits: Splits, label_noise: float, seed: int) -> Splits:
     if not label_noise:
         return splits
@@ -246,7 +268,8 @@ def load(name: str, *, shots_per_class: int | None = None, val_per_class: int | 
          data_dir: str | Path | None = None, download: bool = False,
          source_dir: str | Path | None = None, input_spec=None, image_size: int | None = None,
          channels: int | None = None, normalization="imagenet", workers: int = 0,
-         skip_bad_images: bool = False, in_memory: bool | None = None) -> Splits:
+         skip_bad_images: bool = False, in_memory: bool | None = None,
+         val_from_shots: bool = False) -> Splits:
     """Load a classification dataset as train / val / test splits.
 
     Args:
@@ -262,6 +285,12 @@ def load(name: str, *, shots_per_class: int | None = None, val_per_class: int | 
         set. Default: ``max(shots_per_class, 10)`` in the few-shot case (enough to
         choose a prior scale; set it to ``shots_per_class`` for a strict
         equal-budget protocol), else a 10 % stratified hold-out of the train split.
+      val_from_shots: with ``shots_per_class=k``, the k per class are the whole
+        labelled budget: ``val_per_class`` of them (default ``max(1, round(k/5))``) are
+        held out as the validation split and the rest are the training set, so train ∪
+        val is the default's k-shot training set (choose on val, then retrain on both:
+        ``FinetuneConfig(refit=True)``). Default False: the validation examples come
+        on top of the k.
       classes: keep only these original class ids and renumber them ``0..len-1``
         in the given order; ``class_names`` keeps their original names.
       label_noise: fraction of *training* labels replaced by a different random
@@ -294,7 +323,7 @@ def load(name: str, *, shots_per_class: int | None = None, val_per_class: int | 
     """
     split = dict(shots_per_class=shots_per_class, val_per_class=val_per_class,
                  classes=None if classes is None else tuple(classes), label_noise=label_noise,
-                 seed=seed)
+                 seed=seed, val_from_shots=val_from_shots)
     if not is_external(name):
         train, test = load_arrays(name, data_dir=data_dir, download=download,
                                   source_dir=source_dir)

@@ -14,6 +14,7 @@ import numpy as np
 # does not change which examples were drawn: rng = default_rng([seed, STREAM]).
 _NOISE_STREAM = 1
 _HOLDOUT_STREAM = 2
+_WITHIN_STREAM = 3
 
 
 def _take_per_class(labels: np.ndarray, counts: dict[int, int], rng: np.random.Generator,
@@ -60,6 +61,22 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.nda
     per_class = {int(c): int(round(fraction * n)) for c, n in zip(classes, counts)}
     return _take_per_class(labels, per_class,
                            np.random.default_rng([seed, _HOLDOUT_STREAM]), None)
+
+
+def holdout_within(labels: np.ndarray, indices: np.ndarray, per_class: int,
+                   seed: int) -> np.ndarray:
+    """Sorted indices of ``per_class`` examples of each class drawn from ``indices``
+    (a validation split taken out of a labelled set rather than beside it)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    sub = np.asarray(labels)[indices]
+    picked = _take_per_class(sub, {int(c): per_class for c in np.unique(sub)},
+                             np.random.default_rng([seed, _WITHIN_STREAM]), None)
+    return np.sort(indices[picked])
+
+
+def complement_of(indices: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """Sorted ``indices`` that are not in ``part``."""
+    return np.setdiff1d(np.asarray(indices, dtype=np.int64), np.asarray(part, dtype=np.int64))
 
 
 def complement(indices: np.ndarray, n: int) -> np.ndarray:

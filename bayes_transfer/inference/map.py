@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import math
 import os
+import time
 import warnings
 from typing import Callable
 
@@ -76,6 +77,16 @@ class FinetuneConfig:
     layer_lr_decay: float = 1.0      # ×γ per transferred block further from the top
     l2: float = 0.0                  # plain L2, ½·l2·‖θ‖² over every trainable parameter,
                                      # on top of the prior (L2-SP + L2) and head_decay
+    # Equal budgets: every method gets learning_rates × (its λ grid, or for a method
+    # without a prior strength, standard, the weight_decays grid), chosen on validation.
+    learning_rates: tuple[float, ...] | None = None  # None: (train.learning_rate,)
+    weight_decays: tuple[float, ...] | None = None   # decoupled weight decay of the flat-
+                                                     # prior methods (None: train's own)
+    max_extensions: int = 0          # when validation picks an end of the variances, try a
+                                     # decade further, up to this many times per end
+    refit: bool = False              # the validation split is part of the labelled budget:
+                                     # retrain the choice on train ∪ val (data.load(...,
+                                     # val_from_shots=...)); evidence: train on train ∪ val
     # scale="evidence": λ learned in one run (bayes_transfer.inference.evidence)
     evidence: EvidenceConfig = EvidenceConfig()
 
@@ -91,6 +102,14 @@ class FinetuneResult:
     test_probs: np.ndarray | None = None
     # scale="evidence": λ after each update (and at the end, not applied); else empty
     evidence_trace: list[dict] = dataclasses.field(default_factory=list)
+    learning_rate: float = math.nan   # the chosen learning rate
+    weight_decay: float = 0.0         # the chosen (decoupled) weight decay
+    grid_extended: list[dict] = dataclasses.field(default_factory=list)  # variances added
+    grid_clipped: bool = False        # still at an end of the grid after max_extensions
+    budget: int = 1                   # configurations trained to choose (shared ones too)
+    steps: int = 0                    # their optimizer steps (+ the refit's)
+    seconds: float = 0.0              # wall time of the call
+    refit: bool = False               # the result was retrained on train ∪ val
 
     def summary(self) -> dict:
         return {"method": self.method, "scale": self.scale, **self.metrics}
@@ -154,76 +173,182 @@ def finetune(
     """
     if method not in METHODS:
         raise BayesTransferError(f"unknown method {method!r}; choose one of {METHODS}")
+    t0 = time.perf_counter()
     method_prior = prior.for_method(method)
     _, params, _ = split_model(model)
     params = prior.init_params(params)
     params, method_prior = _reinit_top(model, params, method_prior, config.reinit_top)
-    num_train = len(splits.train)
-    loss = map_loss(num_train, head_decay=config.head_decay) if loss_fn is None else loss_fn
-    loss = with_l2(loss, config.l2)
-    optimizer = layer_lr_optimizer(config, num_train, method_prior.spec.paths, params)
     evaluate = evaluate_classification if evaluate is None else evaluate
-    sign = -1.0 if config.select_by in HIGHER_IS_BETTER else 1.0
     if scale == "evidence":
-        return _finetune_evidence(model, splits, method, method_prior, params, loss,
-                                  optimizer, config, evaluate, loss_fn is not None)
+        out = _finetune_evidence(model, splits, method, method_prior, params, config,
+                                 evaluate, loss_fn)
+        return dataclasses.replace(out, seconds=time.perf_counter() - t0)
+    num_train = len(splits.train)
+    loss = _loss(num_train, config, loss_fn)
+    sign = -1.0 if config.select_by in HIGHER_IS_BETTER else 1.0
+    flat = method_prior.kind == "flat"
+    base = 1.0 if flat else float(jnp.mean(method_prior.base_variance()))
+    rates = tuple(config.learning_rates or (config.train.learning_rate,))
+    decays = tuple(config.weight_decays or (config.train.weight_decay,)) if flat else (
+        config.train.weight_decay,)
     if scale == "auto":
         grid = scale_grid(method_prior, config.variances, config.include_no_prior)
     else:
         grid = [float(scale)]
-    base = 1.0 if method_prior.kind == "flat" else float(jnp.mean(method_prior.base_variance()))
+    tag = lambda lr, wd: ((f"-lr{lr:.6g}" if len(rates) > 1 else "")  # noqa: E731
+                          + (f"-wd{wd:.6g}" if wd != config.train.weight_decay else ""))
 
-    runs = []
-    for lam in grid:
-        key = "no-prior" if math.isinf(lam) else None
+    runs: dict[tuple, dict] = {}
+
+    def run(lr, lam, wd):
+        if (lr, lam, wd) in runs:
+            return
+        key = ("no-prior", lr, wd) if math.isinf(lam) else None
+        train = _train_config(config.train, lr, wd)
+        steps = train.total_steps(btdata.num_batches(num_train, train.batch_size))
         if cache is not None and key in cache:
-            run = cache[key]
+            runs[(lr, lam, wd)] = cache[key]
+            return
+        ckpt = (None if checkpoint_dir is None
+                else os.path.join(checkpoint_dir, f"{method}-lam{lam:.6g}{tag(lr, wd)}"))
+        optimizer = layer_lr_optimizer(dataclasses.replace(config, train=train), num_train,
+                                       method_prior.spec.paths, params)
+        result = fit(model, splits.train, loss, dataclasses.replace(
+            train, desc=f"{method} λ={lam:.3g}{tag(lr, wd)}", checkpoint_dir=ckpt),
+            aux=method_prior.rescale(lam), params=params, optimizer=optimizer)
+        val, _ = evaluate(result, splits.val)
+        if config.select_by not in val:
+            raise BayesTransferError(f"select_by={config.select_by!r} is not a validation "
+                                     f"metric; choose one of {sorted(val)}")
+        entry = {"scale": lam, "variance": lam * base, "val": _floats(val), "result": result,
+                 "learning_rate": lr, "weight_decay": wd, "steps": steps}
+        runs[(lr, lam, wd)] = entry
+        if cache is not None and key is not None:
+            cache[key] = entry
+
+    def best():   # a diverged run (NaN) can never be chosen; ties: the first tried
+        return min(runs.values(), key=lambda r: _finite_or_inf(sign * r["val"][config.select_by]))
+
+    for lr in rates:
+        for lam in grid:
+            for wd in decays:
+                run(lr, lam, wd)
+    extended, clipped = [], False
+    if scale == "auto" and not flat and config.max_extensions > 0:
+        extended, clipped = _extend_grid(run, best, runs, config, base)
+    chosen = best()
+    final, refit_steps = chosen["result"], 0
+    if config.refit:
+        final, refit_steps = _refit(model, splits, method_prior, params, config, loss_fn,
+                                    chosen)
+    test, test_probs = evaluate(final, splits.test)
+    sweep = [{k: v for k, v in r.items() if k != "result"} for r in runs.values()]
+    return FinetuneResult(method=method, scale=chosen["scale"], metrics=_floats(test),
+                          val_metrics=chosen["val"], sweep=sweep, result=final,
+                          test_probs=test_probs, learning_rate=chosen["learning_rate"],
+                          weight_decay=chosen["weight_decay"], grid_extended=extended,
+                          grid_clipped=clipped, budget=len(runs),
+                          steps=sum(r["steps"] for r in runs.values()) + refit_steps,
+                          seconds=time.perf_counter() - t0, refit=config.refit)
+
+
+def _loss(num_train: int, config: FinetuneConfig, loss_fn):
+    loss = map_loss(num_train, head_decay=config.head_decay) if loss_fn is None else loss_fn
+    return with_l2(loss, config.l2)
+
+
+def _train_config(train: TrainConfig, lr: float, wd: float) -> TrainConfig:
+    """``train`` at learning rate ``lr`` and weight decay ``wd`` (decoupled: Adam becomes
+    AdamW when ``wd`` > 0; SGD adds ``wd``·θ to its gradient). Unchanged values leave the
+    config, and so the cached optimizer and the numbers, as they were."""
+    changes = {"learning_rate": lr}
+    if wd != train.weight_decay:
+        changes["weight_decay"] = wd
+        if train.optimizer == "adam" and wd:
+            changes["optimizer"] = "adamw"
+    return dataclasses.replace(train, **changes)
+
+
+def _extend_grid(run, best, runs: dict, config: FinetuneConfig, base: float):
+    """While validation picks an end of the tried variances (at its learning rate), try
+    one decade further, at most ``config.max_extensions`` times per end. Returns (the
+    added candidates, whether the choice is still at an end)."""
+    added, used = [], {"low": 0, "high": 0}
+    while True:
+        b = best()
+        if math.isinf(b["scale"]):
+            return added, False
+        tried = sorted(r["variance"] for (lr, lam, wd), r in runs.items()
+                       if lr == b["learning_rate"] and math.isfinite(lam))
+        top_is_open = any(math.isinf(lam) for (lr, lam, _) in runs if lr == b["learning_rate"])
+        if b["variance"] <= tried[0]:
+            side, factor = "low", 0.1
+        elif b["variance"] >= tried[-1] and not top_is_open:
+            side, factor = "high", 10.0
         else:
-            aux = method_prior.rescale(lam)
-            ckpt = (None if checkpoint_dir is None
-                    else os.path.join(checkpoint_dir, f"{method}-lam{lam:.6g}"))
-            result = fit(model, splits.train, loss, dataclasses.replace(
-                config.train, desc=f"{method} λ={lam:.3g}", checkpoint_dir=ckpt),
-                aux=aux, params=params, optimizer=optimizer)
-            val, _ = evaluate(result, splits.val)
-            if config.select_by not in val:
-                raise BayesTransferError(f"select_by={config.select_by!r} is not a validation "
-                                         f"metric; choose one of {sorted(val)}")
-            run = {"scale": lam, "variance": lam * base, "val": _floats(val), "result": result}
-            if cache is not None and key is not None:
-                cache[key] = run
-        runs.append(run)
-    # A diverged run (NaN) can never be chosen.
-    best = min(runs, key=lambda r: _finite_or_inf(sign * r["val"][config.select_by]))
-    test, test_probs = evaluate(best["result"], splits.test)
-    sweep = [{k: v for k, v in r.items() if k != "result"} for r in runs]
-    return FinetuneResult(method=method, scale=best["scale"], metrics=_floats(test),
-                          val_metrics=best["val"], sweep=sweep, result=best["result"],
-                          test_probs=test_probs)
+            return added, False
+        if used[side] >= config.max_extensions:
+            return added, True
+        used[side] += 1
+        variance = b["variance"] * factor
+        added.append({"variance": variance, "learning_rate": b["learning_rate"],
+                      "side": side})
+        run(b["learning_rate"], variance / base, b["weight_decay"])
 
 
-def _finetune_evidence(model, splits, method, method_prior, params, loss, optimizer,
-                       config: FinetuneConfig, evaluate, custom_loss: bool) -> FinetuneResult:
-    """One run with λ learned by the Laplace evidence (``bayes_transfer.inference.evidence``)."""
+def _union(a, b):
+    """The examples of two in-memory datasets together."""
+    if not (hasattr(a, "images") and hasattr(a, "subset")):
+        raise BayesTransferError("refit needs in-memory datasets (ArrayDataset)")
+    return dataclasses.replace(a, images=np.concatenate([a.images, b.images]),
+                               labels=np.concatenate([a.labels, b.labels]))
+
+
+def _refit(model, splits, method_prior, params, config: FinetuneConfig, loss_fn, chosen):
+    """The chosen configuration retrained on train ∪ val (every labelled example): the
+    same λ, learning rate and weight decay, N = n in the prior term."""
+    data = _union(splits.train, splits.val)
+    n = len(data)
+    train = _train_config(config.train, chosen["learning_rate"], chosen["weight_decay"])
+    optimizer = layer_lr_optimizer(dataclasses.replace(config, train=train), n,
+                                   method_prior.spec.paths, params)
+    result = fit(model, data, _loss(n, config, loss_fn),
+                 dataclasses.replace(train, desc="refit on train+val"),
+                 aux=method_prior.rescale(chosen["scale"]), params=params, optimizer=optimizer)
+    return result, train.total_steps(btdata.num_batches(n, train.batch_size))
+
+
+def _finetune_evidence(model, splits, method, method_prior, params, config: FinetuneConfig,
+                       evaluate, loss_fn) -> FinetuneResult:
+    """One run with λ learned by the Laplace evidence (``bayes_transfer.inference.evidence``)
+    on the training set (with ``config.refit``: on train ∪ val, every labelled example)."""
+    data = _union(splits.train, splits.val) if config.refit else splits.train
+    n = len(data)
+    loss = _loss(n, config, loss_fn)
     train = dataclasses.replace(config.train, desc=f"{method} λ=evidence")
+    optimizer = layer_lr_optimizer(config, n, method_prior.spec.paths, params)
     if method_prior.kind == "flat":        # nothing to learn: one plain run
-        result, lam, trace = fit(model, splits.train, loss, train, aux=method_prior,
+        result, lam, trace = fit(model, data, loss, train, aux=method_prior,
                                  params=params, optimizer=optimizer), math.inf, []
     else:
-        if custom_loss:
+        if loss_fn is not None:
             raise BayesTransferError("scale='evidence' needs the classification likelihood "
                                      "(its curvature); it does not take a custom loss_fn")
         result, lam, trace = fit_with_evidence(
-            model, splits.train, loss, train, method_prior, config=config.evidence,
-            params=params, optimizer=optimizer, extra_curvature=len(splits.train) * config.l2,
-            head_precision=len(splits.train) * config.head_decay)
-    val = _floats(evaluate(result, splits.val)[0]) if len(splits.val) else {}
+            model, data, loss, train, method_prior, config=config.evidence,
+            params=params, optimizer=optimizer, extra_curvature=n * config.l2,
+            head_precision=n * config.head_decay)
+    val = (_floats(evaluate(result, splits.val)[0])
+           if len(splits.val) and not config.refit else {})
     test, test_probs = evaluate(result, splits.test)
     base = 1.0 if method_prior.kind == "flat" else float(jnp.mean(method_prior.base_variance()))
     sweep = [{"scale": lam, "variance": lam * base, "val": val}]
     return FinetuneResult(method=method, scale=lam, metrics=_floats(test), val_metrics=val,
                           sweep=sweep, result=result, test_probs=test_probs,
-                          evidence_trace=trace)
+                          evidence_trace=trace, learning_rate=train.learning_rate,
+                          weight_decay=train.weight_decay, budget=1,
+                          steps=train.total_steps(btdata.num_batches(n, train.batch_size)),
+                          refit=config.refit)
 
 
 def _finite_or_inf(x: float) -> float:
