@@ -107,7 +107,7 @@ class TfdsSource:
         info = builder.info
         self.spec = f"{info.full_name}"
         self.split = split
-        self.data_dir = str(builder.data_dir)
+        self.data_dir = str(builder.data_dir)      # the prepared version's own folder
         self.name = info.name
         self.image_key, self.label_key = _feature_keys(info)
         image, label = info.features[self.image_key], info.features[self.label_key]
@@ -134,13 +134,15 @@ class TfdsSource:
     def __setstate__(self, state):
         self.__dict__.update(state, _records=None)
 
-    def _source(self):
+    def _source(self, builder=None):
         if self._records is None:
             import tensorflow_datasets as tfds
 
-            self._records = tfds.data_source(
-                self.spec, split=self.split, data_dir=self.data_dir, download=False,
-                deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+            # The prepared files alone (no builder code, no network): what
+            # tfds.data_source(name, data_dir=..., download=False) reads.
+            builder = builder or tfds.builder_from_directory(self.data_dir)
+            self._records = builder.as_data_source(
+                split=self.split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
         return self._records
 
     def _parse(self, record: bytes):
@@ -153,7 +155,7 @@ class TfdsSource:
             labels = np.load(cache)
             if len(labels) == n:
                 return labels.astype(np.int32)
-        source = self._source()
+        source = self._source(builder)
         labels = np.empty(len(source), np.int32)
         for start in range(0, len(source), _CHUNK):
             stop = min(start + _CHUNK, len(source))
