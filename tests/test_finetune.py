@@ -8,7 +8,7 @@ import pytest
 
 from bayes_transfer import data, models
 from bayes_transfer.inference.map import FinetuneConfig, finetune, scale_grid
-from bayes_transfer.training.objectives import head_sq_norm, map_loss
+from bayes_transfer.training.objectives import head_sq_norm, map_loss, prior_penalty
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
 from bayes_transfer.training import TrainConfig, make_apply, split_model
@@ -47,9 +47,22 @@ def test_map_loss_adds_minus_log_prior_over_n_and_head_decay(splits, prior):
     key = jax.random.PRNGKey(0)
     plain, _ = map_loss(n)(apply, params, rest, batch, key, None)
     with_prior, (_, parts) = map_loss(n, head_decay=0.3)(apply, params, rest, batch, key, prior)
-    expected = plain - prior.log_prob(params) / n + 0.15 * head_sq_norm(params)
+    # −log p(θ)/N less its constant ½log|2πΣ|/N, i.e. ½(θ − θ̄)ᵀΣ⁻¹(θ − θ̄)/N
+    expected = plain + 0.5 * prior.quadratic(params) / n + 0.15 * head_sq_norm(params)
     np.testing.assert_allclose(with_prior, expected, rtol=1e-5)
-    np.testing.assert_allclose(parts["prior"], -prior.log_prob(params) / n, rtol=1e-6)
+    mean = prior.spec.replace(params, prior.mean)
+    np.testing.assert_allclose(parts["prior"],
+                               (prior.log_prob(mean) - prior.log_prob(params)) / n, rtol=1e-4)
+    # the objective's gradient is that of −log p(θ)/N
+    def objective(p):
+        return map_loss(n, head_decay=0.3)(apply, p, rest, batch, key, prior)[0]
+
+    def with_constant(p):
+        return (map_loss(n)(apply, p, rest, batch, key, None)[0]
+                + prior_penalty(prior, p, n) + 0.15 * head_sq_norm(p))
+    for a, b in zip(jax.tree.leaves(jax.grad(objective)(params)),
+                    jax.tree.leaves(jax.grad(with_constant)(params))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     flat, _ = map_loss(n)(apply, params, rest, batch, key, prior.for_method("standard"))
     np.testing.assert_allclose(flat, plain, rtol=1e-6)
 
@@ -94,3 +107,18 @@ def test_unknown_method_is_a_clear_error(splits, prior):
     model = models.create("small_cnn", 10, seed=0, width=0.5)
     with pytest.raises(Exception, match="unknown method 'l3'"):
         finetune(model, splits, prior, "l3", config=CONFIG)
+
+
+def test_the_loss_a_user_reads_starts_at_the_nll(splits, prior):
+    """From the prior mean the displayed loss is the NLL (plus the head's tiny decay),
+    not the prior's log-normaliser: at v = 100 that constant is thousands per example."""
+    model = models.create("small_cnn", 10, seed=0, width=0.5)
+    lam = 100.0 / float(jnp.mean(prior.base_variance()))
+    config = FinetuneConfig(train=TrainConfig(steps=1, batch_size=32, optimizer="adam",
+                                              learning_rate=1e-3, progress=False))
+    res = finetune(model, splits, prior, "lowrank", scale=lam, config=config)
+    first = res.result.history[0]            # metrics of step 1, at θ = θ̄
+    assert first["prior"] == 0.0
+    assert first["loss"] == pytest.approx(first["nll"], abs=1e-3)
+    n = len(splits.train)
+    assert abs(float(prior_penalty(prior.rescale(lam), prior.mean, n))) > 1e3

@@ -299,16 +299,26 @@ class Prior:
         dtype = jnp.promote_types(theta.dtype, self._compute_dtype())
         if self.kind == "flat":
             return jnp.zeros((), dtype) * jnp.sum(theta[:0])   # keeps a (zero) gradient path
-        theta = theta.astype(dtype)
-        if self.deviations is not None:
-            quad = woodbury_quad(theta, self.mean, self.var, self.deviations,
-                                  self.scale.astype(dtype), self.floor.astype(dtype),
-                                  self.chol.astype(dtype))
-        else:
-            r = theta - self.mean.astype(dtype)
-            quad = jnp.vdot(r, r / self.diag_part(dtype))
+        quad = self._quad(theta.astype(dtype), dtype)
         logdet = (self._log_det(dtype) if self.logdet is None else self.logdet.astype(dtype))
         return -0.5 * (self.dim * math.log(2 * math.pi) + logdet + quad)
+
+    def quadratic(self, params) -> jax.Array:
+        """(θ − θ̄)ᵀΣ⁻¹(θ − θ̄) = −2·(log p(θ) − log p(θ̄)): the part of −log p that θ
+        changes, without the constant log-normaliser ½log|2πΣ| (0 for a flat prior)."""
+        theta = self._flat_params(params)
+        dtype = jnp.promote_types(theta.dtype, self._compute_dtype())
+        if self.kind == "flat":
+            return jnp.zeros((), dtype) * jnp.sum(theta[:0])
+        return self._quad(theta.astype(dtype), dtype)
+
+    def _quad(self, theta, dtype) -> jax.Array:
+        if self.deviations is not None:
+            return woodbury_quad(theta, self.mean, self.var, self.deviations,
+                                 self.scale.astype(dtype), self.floor.astype(dtype),
+                                 self.chol.astype(dtype))
+        r = theta - self.mean.astype(dtype)
+        return jnp.vdot(r, r / self.diag_part(dtype))
 
     def _log_det(self, dtype=None) -> jax.Array:
         """log|Σ| = Σᵢ log δᵢ + 2·Σₖ log Lₖₖ (determinant lemma); cached by rescale."""

@@ -5,6 +5,8 @@
 The same prior term serves classification (per-example cross-entropy) and segmentation
 (per-pixel cross-entropy averaged per image; N is then the number of images). The prior
 arrives through the training loop's ``aux`` argument, so sweeping λ never recompiles.
+The loss leaves out the prior's constant ½log|2πΣ|/N (:func:`prior_term`): the same
+gradient, and a value one can read (at v = 100 the constant alone was 4184 per example).
 """
 from __future__ import annotations
 
@@ -32,6 +34,15 @@ def prior_penalty(prior, params, num_train: int) -> jax.Array:
     return -prior.log_prob(params) / num_train
 
 
+def prior_term(prior, params, num_train: int) -> jax.Array:
+    """(−log p(θ) + log p(θ̄))/N = ½(θ − θ̄)ᵀΣ⁻¹(θ − θ̄)/N: :func:`prior_penalty` less its
+    constant ½log|2πΣ|/N (the same gradient; 0 at the prior mean, so a loss that adds it
+    reads as the NLL plus a penalty). Zero for no prior and for a flat prior."""
+    if prior is None or prior.kind == "flat":
+        return jnp.zeros(())
+    return 0.5 * prior.quadratic(params) / num_train
+
+
 def pixel_cross_entropy(logits, labels, ignore_index: int | None = None) -> jax.Array:
     """Per-pixel cross-entropy averaged over each image's valid pixels: shape (batch,)."""
     valid = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
@@ -45,6 +56,10 @@ def pixel_cross_entropy(logits, labels, ignore_index: int | None = None) -> jax.
 def map_loss(num_train: int, *, head_decay: float = 0.0, task: str = "classification",
              ignore_index: int | None = None):
     """The MAP loss for the training loop; the prior is the loop's ``aux``.
+
+    The prior's term is :func:`prior_term`, −log p(θ)/N without its constant
+    ½log|2πΣ|/N: the gradient of the MAP objective, and a value that reads as the NLL
+    plus a penalty (0 at the prior mean; metrics ``nll`` and ``prior``).
 
     Cached: the same settings return the same function object, so ``fit``'s compiled
     step is reused across a λ sweep, seeds and samplers.
@@ -63,7 +78,7 @@ def map_loss(num_train: int, *, head_decay: float = 0.0, task: str = "classifica
             nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         else:
             nll = pixel_cross_entropy(logits, batch["mask"], ignore_index).mean()
-        penalty = prior_penalty(prior, params, num_train)
+        penalty = prior_term(prior, params, num_train)   # −log p/N less its constant
         loss = nll + penalty + 0.5 * head_decay * head_sq_norm(params)
         return loss, (new_rest, {"nll": nll, "prior": penalty})
 
