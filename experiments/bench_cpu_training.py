@@ -14,13 +14,15 @@ momentum, forward + backward + update), it times in one process, alternating:
   the cores JAX sees.
 
 It prints images/s (median over rounds) and the ratios to PyTorch and to the bare JAX
-step. ``--profile`` also times each convolution of small_cnn alone (forward, gradient
-with respect to the input and to the kernel) in JAX and in PyTorch. Timings are
+step. ``--profile`` also times the layers alone in JAX and in PyTorch: each
+convolution of small_cnn and resnet20 (forward, gradients with respect to the input and
+to the kernel), max-pooling and BatchNorm + ReLU. Timings are
 medians of alternating rounds, so load from other processes hits every variant alike.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -32,6 +34,7 @@ import optax
 from flax import nnx
 
 import bayes_transfer as bt
+from bayes_transfer.models import resnet_torchvision, small_cnn
 
 _D = "LIBRARY_FUSION_TYPE_"
 #: XLA:CPU options tried for the bare step (name -> compiler options); the fusion-type
@@ -69,8 +72,18 @@ def _bare_steps(model, batches, options: dict):
 
     state = (params, rest, tx.init(params))
     xs = [(jnp.asarray(b["image"]), jnp.asarray(b["label"])) for b in batches]
-    compiled = {name: jax.jit(step).lower(*state, *xs[0]).compile(compiler_options=o)
-                for name, o in options.items()}
+
+    def compile_step(options):
+        # a fresh function object each time: jit's trace cache is keyed on it
+        return jax.jit(lambda *a: step(*a)).lower(*state, *xs[0]).compile(
+            compiler_options=options)
+
+    compiled = {name: compile_step(o) for name, o in options.items()}
+    if "default" in options:
+        # the same step with flax's max-pool (what the models used before
+        # models._base.max_pool), for the before/after comparison in one run
+        with _flax_max_pool():
+            compiled["default, nnx.max_pool"] = compile_step({})
 
     def runner(fn):
         def run():
@@ -80,6 +93,20 @@ def _bare_steps(model, batches, options: dict):
             jax.block_until_ready(p)
         return run
     return {f"bare {name}": runner(fn) for name, fn in compiled.items()}
+
+
+@contextlib.contextmanager
+def _flax_max_pool():
+    def flax_pool(x, window, stride, padding=0):
+        pad = ((padding, padding), (padding, padding)) if padding else "VALID"
+        return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=pad)
+
+    saved = small_cnn.max_pool, resnet_torchvision.max_pool
+    small_cnn.max_pool = resnet_torchvision.max_pool = flax_pool
+    try:
+        yield
+    finally:
+        small_cnn.max_pool, resnet_torchvision.max_pool = saved
 
 
 def _toolkit(model, train):
@@ -154,28 +181,37 @@ def _time(fns: dict, rounds: int, images: int) -> tuple[dict, dict]:
             {name: images / statistics.median(ts) for name, ts in cpu.items()})
 
 
-def _profile_convs(torch, reps: int = 7) -> None:
-    """Each small_cnn convolution alone: JAX forward, dx, dw vs PyTorch fwd, fwd+bwd."""
+def _profile(torch, reps: int = 7) -> None:
+    """The layers alone, batch 128 (milliseconds of this process's CPU time, medians):
+    each convolution of small_cnn and resnet20 (JAX forward, input and kernel gradients
+    vs PyTorch forward, forward + backward), max-pooling and BatchNorm + ReLU (forward +
+    gradient)."""
+    from bayes_transfer.models._base import max_pool
+
     def conv(x, w):
         return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     def ms(fn):
-        fn()
+        jax.block_until_ready(fn())
         ts = []
         for _ in range(reps):
-            t = time.perf_counter()
+            t = time.process_time()
             jax.block_until_ready(fn())
-            ts.append(time.perf_counter() - t)
+            ts.append(time.process_time() - t)
         return 1e3 * statistics.median(ts)
 
-    print("\nper convolution, batch 128 (ms): JAX fwd / dx / dw, PyTorch fwd / fwd+bwd")
-    for hw, cin, cout in ((28, 1, 32), (14, 32, 64), (14, 64, 64), (7, 64, 128)):
+    def tgrad(fn, *xs):
+        return lambda: torch.autograd.grad(fn(), xs, allow_unused=True)
+
+    print("\nconvolutions, ms: JAX fwd / dx / dw (sum)   PyTorch fwd, fwd+bwd")
+    for hw, cin, cout in ((28, 1, 32), (14, 32, 64), (14, 64, 64), (7, 64, 128),
+                          (28, 16, 16), (14, 32, 32), (7, 64, 64)):
         x, w = jnp.ones((128, hw, hw, cin)), jnp.full((3, 3, cin, cout), 0.01)
         g = jnp.ones((128, hw, hw, cout))
         fwd = jax.jit(conv)
-        dx = jax.jit(lambda g: jax.vjp(conv, x, w)[1](g)[0])
-        dw = jax.jit(lambda g: jax.vjp(conv, x, w)[1](g)[1])
+        dx = jax.jit(lambda g, x=x, w=w: jax.vjp(conv, x, w)[1](g)[0])
+        dw = jax.jit(lambda g, x=x, w=w: jax.vjp(conv, x, w)[1](g)[1])
         tx = torch.ones(128, cin, hw, hw, requires_grad=True)
         tw = torch.full((cout, cin, 3, 3), 0.01, requires_grad=True)
         tg = torch.ones(128, cout, hw, hw)
@@ -189,9 +225,38 @@ def _profile_convs(torch, reps: int = 7) -> None:
             return torch.autograd.grad(y, (tx, tw), tg)
 
         j = [ms(lambda: fwd(x, w)), ms(lambda: dx(g)), ms(lambda: dw(g))]
-        t = [ms(t_fwd), ms(t_both)]
         print(f"  {hw:2d}x{hw:<2d} {cin:3d}->{cout:<3d}  JAX {j[0]:6.2f} {j[1]:6.2f} {j[2]:6.2f}"
-              f"  (sum {sum(j):6.2f})   PyTorch {t[0]:6.2f} {t[1]:6.2f}")
+              f" ({sum(j):6.2f})   PyTorch {ms(t_fwd):6.2f} {ms(t_both):6.2f}")
+
+    rng = np.random.RandomState(0)
+    print("max-pool forward + gradient, ms: nnx.max_pool, models._base.max_pool, PyTorch")
+    for shape, (k, st, pad) in (((128, 28, 28, 32), (2, 2, 0)), ((128, 14, 14, 64), (2, 2, 0)),
+                                ((32, 112, 112, 64), (3, 2, 1))):
+        x = jnp.asarray(rng.randn(*shape).astype(np.float32))
+        padding = ((pad, pad), (pad, pad)) if pad else "VALID"
+        flax_pool = jax.jit(jax.grad(lambda x: jnp.sum(nnx.max_pool(
+            x, (k, k), strides=(st, st), padding=padding) ** 2)))
+        ours = jax.jit(jax.grad(lambda x: jnp.sum(max_pool(x, k, st, pad) ** 2)))
+        tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).requires_grad_()
+        t = tgrad(lambda: (torch.nn.functional.max_pool2d(tx, k, st, pad) ** 2).sum(), tx)
+        print(f"  {shape} {k}x{k}/{st}: {ms(lambda: flax_pool(x)):7.2f} "
+              f"{ms(lambda: ours(x)):7.2f} {ms(t):7.2f}")
+
+    print("BatchNorm (train) + ReLU, forward + gradient, ms: nnx, PyTorch")
+    for shape in ((128, 28, 28, 16), (128, 14, 14, 32), (128, 7, 7, 64)):
+        bn = nnx.BatchNorm(shape[-1], momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(bn)
+        x = jnp.asarray(rng.randn(*shape).astype(np.float32))
+
+        def f(state, x):
+            m = nnx.merge(graphdef, state)
+            return jnp.sum(jax.nn.relu(m(x, use_running_average=False)) ** 2)
+
+        grad = jax.jit(jax.grad(f, argnums=(0, 1)))
+        tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).requires_grad_()
+        tbn = torch.nn.BatchNorm2d(shape[-1])
+        t = tgrad(lambda: (torch.relu(tbn(tx)) ** 2).sum(), tx, *tbn.parameters())
+        print(f"  {shape}: {ms(lambda: grad(state, x)):7.2f} {ms(t):7.2f}")
 
 
 def main(argv=None):
@@ -201,7 +266,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--candidates", nargs="*", default=list(CANDIDATES),
                    help="XLA:CPU option sets for the bare step (names of CANDIDATES)")
-    p.add_argument("--profile", action="store_true", help="also time each convolution")
+    p.add_argument("--profile", action="store_true", help="also time the layers alone")
     p.add_argument("--one-thread", action="store_true",
                    help="JAX and PyTorch on one thread each (a fair work comparison on a "
                         "machine other jobs share)")
@@ -236,7 +301,7 @@ def main(argv=None):
                           f"x{r / rate['torch']:.2f} PyTorch" if "torch" in rate else ""]
                 print(f"    {name:18s} {r:7.0f}   " + "   ".join(x for x in ratios if x))
     if args.profile and torch is not None:
-        _profile_convs(torch)
+        _profile(torch)
 
 
 if __name__ == "__main__":
