@@ -1,7 +1,9 @@
 """The grid of cells (prior, shots, seed, method) and running one cell.
 
 Every method of a cell gets the same tuning budget (``config["tuning"]``): each learning
-rate × each effective prior variance, best on validation. A sampler (``sgld:M``,
+rate × each effective prior variance (standard fine-tuning: × each weight decay), best
+on validation; a variant with ``"scale": "evidence"`` is one run instead, λ learned by
+the evidence on every labelled example. A sampler (``sgld:M``,
 ``swag:M``) starts from the tuned MAP run of its base method M, which it shares with M
 when both run on the same (prior, shots, seed).
 """
@@ -12,6 +14,7 @@ import math
 
 import bayes_transfer as bt
 from bayes_transfer.inference import PosteriorConfig, sample_posterior
+from bayes_transfer.inference.evidence import EvidenceConfig
 from bayes_transfer.inference.map import HIGHER_IS_BETTER
 from bayes_transfer.inference.sgld import SGLDConfig
 from bayes_transfer.inference.swag_downstream import SwagDownstreamConfig
@@ -35,31 +38,41 @@ def finetune_config(tuning: dict, lr: float, seed: int):
                            progress=False, desc="finetune")
     return bt.FinetuneConfig(train=train, head_decay=tuning["head_decay"],
                              variances=tuple(tuning["variances"]),
-                             select_by=tuning["select_by"])
+                             select_by=tuning["select_by"],
+                             weight_decays=tuple(tuning["weight_decays"] or ()) or None,
+                             max_extensions=int(tuning["extend"]),
+                             refit=tuning["validation"] == "within",
+                             evidence=EvidenceConfig(**tuning["evidence"]))
 
 
 def tuned_map(prior, splits, method: str, tuning: dict, seed: int, caches: dict,
               variant: dict | None = None):
-    """MAP fine-tuning with the shared budget: every lr × every λ, best on validation."""
+    """MAP fine-tuning with the shared budget: every lr × every λ (or weight decay, for
+    standard fine-tuning), best on validation; or, for a variant with ``"scale":
+    "evidence"``, one run at the first learning rate with λ learned by the evidence."""
     options = dict(variant or {})
     method = options.pop("method", method)
-    # The no-prior run is shared only between methods that start alike.
+    scale = options.pop("scale", "auto")
+    # The no-prior runs are shared only between methods that start alike.
     cache_key = tuple(sorted(options.items()))
+    rates = tuple(tuning["learning_rates"])
+    model = bt.models.from_prior(prior, splits.train.num_classes, seed=seed)
+    config = dataclasses.replace(finetune_config(tuning, rates[0], seed),
+                                 learning_rates=rates if scale == "auto" else None, **options)
+    res = bt.finetune(model, splits, prior, method, scale=scale, config=config,
+                      cache=caches.setdefault(cache_key, {}))
+    # per learning rate: its best λ (the format of rows before equal budgets)
     sign = -1.0 if tuning["select_by"] in HIGHER_IS_BETTER else 1.0
-    best, trials = None, []
-    for lr in tuning["learning_rates"]:
-        model = bt.models.from_prior(prior, splits.train.num_classes, seed=seed)
-        config = dataclasses.replace(finetune_config(tuning, lr, seed),
-                                     **options)
-        res = bt.finetune(model, splits, prior, method, config=config,
-                       cache=caches.setdefault((lr, cache_key), {}))
-        value = sign * res.val_metrics[tuning["select_by"]]
-        trials.append({"learning_rate": lr, "scale": res.scale, "val": res.val_metrics,
-                       "sweep": res.sweep})
-        if best is None or (math.isfinite(value) and value < best[0]):
-            best = (value, lr, config, res)
-    _, lr, config, res = best
-    return res, lr, config, trials
+    trials = []
+    for lr in (rates if scale == "auto" else rates[:1]):
+        sweep = [s for s in res.sweep if s.get("learning_rate", lr) == lr]
+        best = min(sweep, key=lambda s: (sign * s["val"][tuning["select_by"]])
+                   if s["val"] and math.isfinite(s["val"][tuning["select_by"]]) else math.inf)
+        trials.append({"learning_rate": lr, "scale": best["scale"], "val": best["val"],
+                       "sweep": sweep})
+    chosen = dataclasses.replace(config, learning_rates=None, train=dataclasses.replace(
+        config.train, learning_rate=res.learning_rate))
+    return res, res.learning_rate, chosen, trials
 
 
 def run_cell(prior, splits, method: str, config: dict, seed: int, maps: dict, caches: dict):
@@ -74,7 +87,13 @@ def run_cell(prior, splits, method: str, config: dict, seed: int, maps: dict, ca
         maps[base] = tuned_map(prior, splits, base, tuning, seed, caches,
                                config["variants"].get(base))
     res, lr, map_config, trials = maps[base]
-    row = {"learning_rate": lr, "scale": res.scale, "tuning": trials}
+    row = {"learning_rate": lr, "scale": res.scale, "tuning": trials,
+           "weight_decay": res.weight_decay, "budget": res.budget, "steps": res.steps,
+           "map_seconds": round(res.seconds, 1), "refit": res.refit}
+    if res.grid_extended or res.grid_clipped:
+        row.update(grid_extended=res.grid_extended, grid_clipped=res.grid_clipped)
+    if res.evidence_trace:
+        row["evidence_trace"] = res.evidence_trace
     if not sampler:
         return {**row, "test": res.metrics, "val": res.val_metrics}, res.test_probs
 

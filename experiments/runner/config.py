@@ -20,10 +20,18 @@ lowrank``) is MAP fine-tuning; ``sgld:M`` and ``swag:M`` are the Bayesian model 
 of SGLD / downstream-SWAG samples under prior M, started from M's MAP solution with its
 λ. A config's ``"variants"`` name further MAP methods: ``{"lowrank-reinit1": {"method":
 "lowrank", "reinit_top": 1}}``, any ``FinetuneConfig`` field (``reinit_top``,
-``layer_lr``, ``layer_lr_decay``, ``l2``) on top of a base method (non-binary transfer).
+``layer_lr``, ``layer_lr_decay``, ``l2``) on top of a base method (non-binary transfer),
+or ``"scale": "evidence"``: one run at the first learning rate, λ learned by the Laplace
+evidence (``bayes_transfer.inference.evidence``; its settings in ``tuning["evidence"]``).
 The tuning budget is the same for every method: each learning rate × each effective
-prior variance (plus the no-prior limit), ``steps`` optimizer steps each, chosen on the
-validation split (``select_by``); the test split is read only for the chosen run. The
+prior variance (plus the no-prior limit), or for standard fine-tuning, which has no λ,
+each learning rate × each of ``"weight_decays"`` (decoupled; give as many as the λ grid
+has values, no prior included), ``steps`` optimizer steps each, chosen on the
+validation split (``select_by``); the test split is read only for the chosen run.
+``"extend": N`` tries up to N decades past an end of the variances that validation
+picks; ``"validation": "within"`` takes the validation split out of the shots and
+retrains the choice on all of them. Each row records the method's budget
+(configurations), optimizer steps and seconds. The
 samplers take the MAP run's λ and learning-rate choice; their own settings are fixed in
 the config (the same for every prior).
 """
@@ -33,12 +41,17 @@ import json
 from pathlib import Path
 
 from bayes_transfer import METHODS, BayesTransferError
+from bayes_transfer.inference.evidence import EvidenceConfig
 
 SAMPLERS = ("sgld", "swag")
 #: FinetuneConfig fields a variant may set (non-binary transfer).
-VARIANT_KEYS = ("reinit_top", "layer_lr", "layer_lr_decay", "l2")
+VARIANT_KEYS = ("reinit_top", "layer_lr", "layer_lr_decay", "l2", "scale")
 DEFAULT_TUNING = {"learning_rates": [1e-2], "variances": [1.0, 10.0, 100.0], "steps": 125,
-                  "batch_size": 32, "select_by": "nll", "head_decay": 1e-4}
+                  "batch_size": 32, "select_by": "nll", "head_decay": 1e-4,
+                  "weight_decays": None, "extend": 0, "validation": "extra", "evidence": {}}
+#: "validation": "extra" (the validation examples come on top of the shots) or "within"
+#: (the shots are every label: a fifth is held out to choose, then the choice is
+#: retrained on all of them; data.load(val_from_shots=True), FinetuneConfig.refit)
 
 
 def load_config(path, **overrides) -> dict:
@@ -75,6 +88,9 @@ def check_config(config: dict, where: str = "config") -> dict:
         if unknown:
             raise BayesTransferError(f"{where}: variant {name!r} has unknown keys "
                                      f"{sorted(unknown)}; use {', '.join(VARIANT_KEYS)}")
+        if variant.get("scale", "evidence") != "evidence":
+            raise BayesTransferError(f"{where}: variant {name!r}: 'scale' can only be "
+                                     f"'evidence' (λ learned in one run)")
     for method in config["methods"]:
         sampler, _, base = method.rpartition(":")
         if sampler and base in variants:
@@ -92,7 +108,14 @@ def check_config(config: dict, where: str = "config") -> dict:
     if unknown:
         raise BayesTransferError(f"{where}: unknown tuning keys {sorted(unknown)}; "
                                  f"known: {sorted(DEFAULT_TUNING)}")
-    config["tuning"] = {**DEFAULT_TUNING, **config.get("tuning", {})}
+    config["tuning"] = tuning = {**DEFAULT_TUNING, **config.get("tuning", {})}
+    if tuning["validation"] not in ("extra", "within"):
+        raise BayesTransferError(f"{where}: tuning 'validation' must be 'extra' or 'within', "
+                                 f"got {tuning['validation']!r}")
+    try:
+        EvidenceConfig(**tuning["evidence"])
+    except TypeError as e:
+        raise BayesTransferError(f"{where}: tuning 'evidence': {e}") from None
     seeds = config["seeds"]
     config["seeds"] = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     return config

@@ -40,14 +40,18 @@ def run(config: dict, out_dir) -> dict:
         prior = bt.load_prior(config["priors"][label])
         splits = btdata.load(target["dataset"], classes=target.get("classes"),
                              shots_per_class=None if shots == "all" else shots,
-                             label_noise=target.get("label_noise", 0.0), seed=seed)
+                             label_noise=target.get("label_noise", 0.0), seed=seed,
+                             val_from_shots=(config["tuning"]["validation"] == "within"
+                                             and shots != "all"))
         maps, caches = {}, {}
         for method in methods:
             bar.set_postfix_str(f"{label} shots={shots} seed={seed} {method}")
             t0 = time.perf_counter()
             row, probs = run_cell(prior, splits, method, config, seed, maps, caches)
             row.update(key=cell_key(label, shots, seed, method), prior=label, shots=shots,
-                       seed=seed, method=method, num_train=len(splits.train),
+                       seed=seed, method=method,
+                       num_train=len(splits.train) + (len(splits.val) if row.get("refit")
+                                                      else 0),
                        seconds=round(time.perf_counter() - t0, 1))
             append_row(runs_path, row)
             if rel and shots == rel.get("shots") and seed == rel.get("seed", 0):

@@ -29,7 +29,8 @@ def report(config: dict, out: Path) -> dict:
     summary = summarize(rows, config)
     save_config(out, config)
     write_text(out / "summary.json", json.dumps(summary, indent=2))
-    text = format_summary(summary, config) + format_compute(compute_time(rows, config))
+    text = (format_summary(summary, config) + format_budget(rows, config)
+            + format_compute(compute_time(rows, config)))
     write_text(out / "summary.md", text)
     figures(summary, config, out)
     print(text)
@@ -90,6 +91,43 @@ def format_summary(summary: dict, config: dict) -> str:
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def format_budget(rows: list[dict], config: dict) -> str:
+    """Each method's tuning budget and compute per cell (mean over priors and seeds):
+    configurations trained to choose, their optimizer steps (a shared no-prior run counts
+    for every method that saw it), wall seconds, and the chosen λ's effective variance."""
+    keys = {cell_key(*cell) for cell in grid(config)}
+    rows = [r for r in rows if r["key"] in keys and "budget" in r]
+    if not rows:
+        return ""
+    lines = ["## budget and compute per cell", "",
+             "| method | shots | configurations | optimizer steps | seconds | chosen v "
+             "(per seed) |", "|---|---|---|---|---|---|"]
+    for method in config["methods"]:
+        for shots in config["shots"]:
+            sel = [r for r in rows if (r["method"], r["shots"]) == (method, shots)]
+            if not sel:
+                continue
+            chosen = ", ".join(_variance(r) for r in sorted(sel, key=lambda r: r["seed"]))
+            lines.append(f"| {method} | {shots} | {np.mean([r['budget'] for r in sel]):.0f} | "
+                         f"{np.mean([r['steps'] for r in sel]):.0f} | "
+                         f"{np.mean([r['seconds'] for r in sel]):.0f} | {chosen} |")
+    return "\n".join(lines) + "\n\n"
+
+
+def _variance(row: dict) -> str:
+    """The chosen effective variance v of a row ("none": no prior; "wd=…": standard)."""
+    if row.get("evidence_trace"):
+        v = row["evidence_trace"][-2]["variance"] if len(row["evidence_trace"]) > 1 else None
+        return "none" if v is None or not math.isfinite(v) else f"{v:.2g}"
+    sweep = [s for t in row.get("tuning", []) for s in t.get("sweep", [])]
+    match = [s for s in sweep if s.get("scale") == row["scale"]
+             and s.get("learning_rate", row["learning_rate"]) == row["learning_rate"]]
+    if not match or not math.isfinite(match[0]["variance"]):
+        wd = row.get("weight_decay") or 0
+        return f"wd={wd:g}" if wd else "none"
+    return f"{match[0]['variance']:.2g}"
 
 
 # --------------------------------------------------------------------------- compute time
