@@ -38,6 +38,9 @@ def add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float,
                    batch_size: int = 128) -> None:
     p.add_argument("--arch", default="small_cnn", help="small_cnn, resnet20, resnet32, ...")
     p.add_argument("--epochs", type=float, default=epochs)
+    p.add_argument("--steps", type=int, default=None,
+                   help="run this many optimizer steps instead of --epochs (learn-prior: "
+                        "each phase), e.g. a quick check on a large dataset")
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
@@ -56,7 +59,7 @@ def train_config(args, **overrides) -> TrainConfig:
                        optimizer=args.optimizer, learning_rate=args.lr,
                        augment=not args.no_augment, flip=args.flip,
                        weight_decay=args.weight_decay, seed=args.seed,
-                       checkpoint_dir=args.checkpoint_dir, **overrides)
+                       checkpoint_dir=args.checkpoint_dir, steps=args.steps, **overrides)
 
 
 def is_primary() -> bool:

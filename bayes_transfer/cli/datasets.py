@@ -74,11 +74,22 @@ def is_streamed(args) -> bool:
     return is_external(args.dataset)
 
 
-def input_of(info: dict | None) -> data.InputSpec | None:
-    """The ``InputSpec`` stored with a prior (``source.input``) or a model (``input``)."""
-    if not info:
-        return None
-    return data.InputSpec.from_dict(info)
+#: The image size of each built-in dataset (a prior learned on one takes that input).
+BUILTIN_SIZES = {"fashion_mnist": 28, "mnist_5k": 28, "digits": 8}
+
+
+def input_of(info: dict | None, source: dict | None = None,
+             channels: int = 1) -> data.InputSpec | None:
+    """The ``InputSpec`` stored with a prior (``source.input``) or a model (``input``);
+    for a prior learned on a built-in dataset (no stored input), that dataset's size and
+    statistics, so your images reach the network as its source images did."""
+    if info:
+        return data.InputSpec.from_dict(info)
+    name = (source or {}).get("dataset")
+    if name in BUILTIN_SIZES and name in data.NORMALIZATION_STATS:
+        mean, std = data.NORMALIZATION_STATS[name]
+        return data.InputSpec(BUILTIN_SIZES[name], channels, (mean,), (std,))
+    return None
 
 
 def load_splits(args, *, arch: str | None = None, spec: data.InputSpec | None = None,
@@ -87,7 +98,8 @@ def load_splits(args, *, arch: str | None = None, spec: data.InputSpec | None = 
 
     ``spec``: the input of an existing prior or model (wins over ``--image-size``);
     ``channels``: the channels a built-in dataset must be converted to (a prior's)."""
-    common = dict(seed=getattr(args, "seed", 0), data_dir=args.data_dir, **kwargs)
+    seed = getattr(args, "seed", None)         # evaluate's --seed defaults to None
+    common = dict(seed=0 if seed is None else seed, data_dir=args.data_dir, **kwargs)
     if not is_streamed(args):
         splits = data.load(args.dataset, **common)
         if channels is not None:

@@ -25,7 +25,8 @@ def _target_splits(args, prior):
     """The few-shot target task, fed to the model as the prior's source was: its input
     size, channels and normalisation (a built-in dataset: its channels)."""
     channels = models.prior_architecture(prior).get("in_channels", 1)
-    spec = input_of((prior.metadata.get("source") or {}).get("input"))
+    source = prior.metadata.get("source") or {}
+    spec = input_of(source.get("input"), source, channels)
     return load_splits(args, spec=spec, channels=channels, shots_per_class=args.shots,
                        classes=classes(args.classes),
                        val_from_shots=getattr(args, "val_from_shots", False))

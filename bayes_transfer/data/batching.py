@@ -59,7 +59,10 @@ def batches(dataset: ArrayDataset, batch_size: int, *, seed: int, epoch: int,
         return
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     stats_name = dataset.name if dataset.name in NORMALIZATION_STATS else None
-    mean, std = getattr(dataset, "normalization", None) or (None, None)
+    # (mean, std) of an ArrayDataset decoded from images; a segmentation dataset's
+    # `normalization` names statistics, and it builds its own batches (make_batch).
+    norm = getattr(dataset, "normalization", None)
+    mean, std = norm if isinstance(norm, tuple) else (None, None)
     size = min(batch_size, n)
     make_batch = getattr(dataset, "make_batch", None)
     for b in range(num_batches(n, batch_size, drop_remainder=drop_remainder)):

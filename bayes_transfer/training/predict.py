@@ -30,9 +30,22 @@ def make_apply(graphdef) -> Callable:
     return apply
 
 
-def predict(result_or_model, dataset, *, batch_size: int = 500, method: str | None = None,
-            params=None) -> np.ndarray:
-    """Model outputs (logits, or ``method``'s output) over a whole dataset, in order."""
+def batch_for(dataset, images_of_32px: int) -> int:
+    """A default batch size: ``images_of_32px`` for images up to 32×32, fewer for larger
+    images (the same pixels a batch), so a 224² ResNet-50 pass fits in memory."""
+    shape = getattr(dataset, "image_shape", None)
+    if not shape or shape[0] * shape[1] <= 32 * 32:
+        return images_of_32px
+    return max(1, images_of_32px * 32 * 32 // (shape[0] * shape[1]))
+
+
+def predict(result_or_model, dataset, *, batch_size: int | None = None,
+            method: str | None = None, params=None) -> np.ndarray:
+    """Model outputs (logits, or ``method``'s output) over a whole dataset, in order.
+
+    ``batch_size``: by default 500 images of up to 32×32 (fewer larger ones, `batch_for`).
+    """
+    batch_size = batch_for(dataset, 500) if batch_size is None else batch_size
     if isinstance(result_or_model, TrainResult):
         graphdef, p, rest = (result_or_model.graphdef, result_or_model.state.params,
                              result_or_model.state.rest)
@@ -78,17 +91,19 @@ def _train_forward(graphdef):
 
 
 def refresh_batch_stats(graphdef, params, rest, dataset, *, num_batches: int = 40,
-                        batch_size: int = 256, seed: int = 0):
+                        batch_size: int | None = None, seed: int = 0):
     """BatchNorm running statistics recomputed for ``params`` on ``dataset``.
 
     Runs ``num_batches`` training-mode forward passes (cycling over epochs when the
     dataset is smaller than that, as few-shot sets are): with BatchNorm momentum 0.9,
     40 batches leave 0.9⁴⁰ ≈ 1.5% of the old statistics. Needed for every parameter
     sample that no training step produced (SWAG samples, averages, a prior's mean).
-    Compiled once per model.
+    Compiled once per model. ``batch_size``: by default 256 images of up to 32×32 (fewer
+    larger ones, `batch_for`).
     """
     if not jax.tree.leaves(rest):
         return rest
+    batch_size = batch_for(dataset, 256) if batch_size is None else batch_size
     forward = _train_forward(graphdef)
     done, epoch = 0, 0
     while done < num_batches:
