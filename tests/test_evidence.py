@@ -23,7 +23,8 @@ from scipy import optimize
 
 from bayes_transfer import data, models
 from bayes_transfer.data import ArrayDataset
-from bayes_transfer.inference.evidence import EvidenceConfig, fit_with_evidence, ggn_curvature
+from bayes_transfer.inference.evidence import (EvidenceConfig, _curvature_form, fit_with_evidence,
+                                               ggn_curvature)
 from bayes_transfer.inference.map import FinetuneConfig, finetune
 from bayes_transfer.params import HEAD_RULE, ParamSpec
 from bayes_transfer.prior import Prior
@@ -259,6 +260,17 @@ def test_the_ggn_factor_is_j_transpose_softmax_hessian_j(splits):
         ref = ref + jac.T @ ((np.diag(p) - np.outer(p, p)) @ jac)
     approx = np.asarray(g, np.float64).T @ np.asarray(g, np.float64)
     np.testing.assert_allclose(approx, ref, atol=1e-5 * np.abs(ref).max())
+    # S sampled labels per example: rows (e_y − p)ᵀJ/√S
+    assert ggn_curvature(result, subset, spec, samples=2, batch_size=2).shape == (6, spec.size)
+
+
+def test_auto_curvature_is_the_exact_factor_then_sampled_labels_then_the_diagonal():
+    config = EvidenceConfig()                                # max_rows = 1024
+    assert _curvature_form(config, 50, 5, 131_000, 0.0) == ("factor", 0)      # 250 rows
+    assert _curvature_form(config, 500, 10, 131_000, 0.0) == ("factor", 2)    # 2 per example
+    assert _curvature_form(config, 27_000, 5, 131_000, 0.0) == ("diag", 0)
+    assert _curvature_form(config, 50, 5, 131_000, 1e-3) == ("diag", 0)       # + plain L2
+    assert _curvature_form(config, 50, 5, 10**8, 0.0) == ("diag", 0)          # 1 GiB cap
 
 
 def test_finetune_learns_the_scale_in_one_run_on_digits(splits):

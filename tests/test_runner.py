@@ -172,6 +172,9 @@ def test_equal_budgets_validation_within_the_shots_and_evidence(prior_dir, tmp_p
     text = (tmp_path / "summary.md").read_text()
     assert "## budget and compute per cell" in text
     assert "| lowrank-evidence | 5 | 1 | 3 |" in text
+    with pytest.raises(BayesTransferError, match="at least 2 shots per class"):
+        runner.check_config({**config, "shots": [1, 5]})
+    runner.check_config({**config, "shots": [1], "methods": ["lowrank-evidence"]})
     with pytest.raises(BayesTransferError, match="'scale' can only be 'evidence'"):
         runner.check_config({**config, "variants": {"x": {"method": "lowrank", "scale": 3}},
                              "methods": ["x"]})

@@ -61,9 +61,11 @@ class EvidenceConfig:
     init_variance: float = 1.0    # v the run starts from (before the first update)
     min_variance: float = 1e-8    # the search's range of v; an optimum beyond
     max_variance: float = 1e6     # max_variance is the no-prior limit (λ = ∞)
-    curvature: str = "auto"       # the GGN as "factor" (exact: H = GᵀG, G of n·R rows) or
-                                  # "diag" (its diagonal); "auto": factor while n·R·d <=
-    max_factor: int = 1 << 28     # max_factor numbers (1 GiB in float32), else diag
+    curvature: str = "auto"       # the GGN as "factor" (H = GᵀG, G of n·R rows) or "diag"
+                                  # (its diagonal). "auto": the exact factor (R = C) while
+    max_rows: int = 1024          # n·C <= max_rows, else R = max_rows // n sampled labels,
+    max_factor: int = 1 << 28     # and the diagonal when n > max_rows or n·R·d would
+                                  # exceed max_factor numbers (1 GiB in float32)
     samples: int = 0              # R: 0 all C classes (exact); S > 0: S sampled labels
                                   # per example (Monte-Carlo Fisher = GGN for softmax)
     batch_size: int = 16          # examples per curvature batch (memory: batch·R·d)
@@ -172,15 +174,15 @@ def fit_with_evidence(model, dataset, loss_fn: Callable, train, prior: Prior, *,
     update_at = sorted({round(total * j / (config.updates + 1))
                         for j in range(1, config.updates + 1)} - {0, total})
     if curvature is None:
-        form = _curvature_form(config, len(dataset), dataset.num_classes, prior.dim,
-                               extra_curvature)
-        head = (ParamSpec.from_params(params, HEAD_RULE)
-                if head_precision > 0 and form == "factor" and params is not None else None)
+        form, samples = _curvature_form(config, len(dataset), dataset.num_classes,
+                                        prior.dim, extra_curvature)
+        head = (_head_spec(params) if head_precision > 0 and form == "factor"
+                and params is not None else None)
 
         def curvature(res):
-            out = ggn_curvature(res, dataset, prior.spec, form=form, samples=config.samples,
+            out = ggn_curvature(res, dataset, prior.spec, form=form, samples=samples,
                                 batch_size=config.batch_size, seed=config.seed, dtype=dtype,
-                                head_spec=head if head is not None and head.size else None)
+                                head_spec=head)
             if not isinstance(out, tuple):
                 return out, None
             return out[0], out[1] @ out[1].T / head_precision
@@ -224,14 +226,27 @@ def fit_with_evidence(model, dataset, loss_fn: Callable, train, prior: Prior, *,
 
 
 def _curvature_form(config: EvidenceConfig, n: int, classes: int, dim: int,
-                    extra: float) -> str:
+                    extra: float) -> tuple[str, int]:
+    """(form, sampled labels per example) of the curvature ``config`` asks for."""
     if config.curvature not in ("auto", "factor", "diag"):
         raise BayesTransferError(f"evidence curvature must be 'auto', 'factor' or 'diag', "
                                  f"got {config.curvature!r}")
     if extra and config.curvature == "factor":
         raise BayesTransferError("a plain L2 (l2 > 0) adds a diagonal to the curvature: "
                                  "use curvature='diag' or 'auto'")
-    if config.curvature != "auto":
-        return config.curvature
-    rows = n * (config.samples or classes)
-    return "factor" if not extra and rows * dim <= config.max_factor else "diag"
+    if config.curvature != "auto" or config.samples:
+        return ("diag" if extra else config.curvature if config.curvature != "auto"
+                else "factor"), config.samples
+    samples = 0 if n * classes <= config.max_rows else config.max_rows // n
+    rows = n * (samples or classes)
+    if extra or n > config.max_rows or rows * dim > config.max_factor:
+        return "diag", 0
+    return "factor", samples
+
+
+def _head_spec(params):
+    """The head's leaves (``HEAD_RULE``), or None for a model without one."""
+    try:
+        return ParamSpec.from_params(params, HEAD_RULE)
+    except BayesTransferError:
+        return None

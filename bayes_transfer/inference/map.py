@@ -1,4 +1,5 @@
-"""MAP fine-tuning under a prior, with λ chosen on the validation split.
+"""MAP fine-tuning under a prior, with λ chosen on the validation split (or learned by
+the evidence, ``scale="evidence"``: :mod:`bayes_transfer.inference.evidence`).
 
 Every method starts from the same point (backbone = prior mean θ̄, a fresh head with the
 same seed), trains with the same settings and gets the same grid of candidate scales;
@@ -150,9 +151,19 @@ def finetune(
     """Fine-tune ``model`` on ``splits.train`` under ``prior.for_method(method)``.
 
     ``scale="auto"`` tries :func:`scale_grid` and keeps the λ with the best validation
-    ``config.select_by``; a number fixes λ. ``cache`` (a dict) shares the no-prior run
+    ``config.select_by``; a number fixes λ; ``"evidence"`` learns λ with the weights in
+    one run on the training set by the Laplace evidence, no validation split
+    (:mod:`bayes_transfer.inference.evidence`; the trajectory is ``evidence_trace``).
+    ``cache`` (a dict) shares the no-prior run
     between methods that all include it, as they start from the same point: use one
     dict per (model initialisation, splits, config), never across them.
+
+    Equal budgets: with ``config.learning_rates`` every learning rate is crossed with the
+    λ grid, and a method without a prior strength (standard) is crossed with
+    ``config.weight_decays`` instead; ``config.max_extensions`` extends a grid whose end
+    validation picks; ``config.refit`` retrains the choice on train ∪ val (the validation
+    examples are part of the labelled budget, ``data.load(..., val_from_shots=True)``).
+    The result records the budget (configurations), optimizer steps and seconds.
 
     Other tasks plug in here: ``loss_fn`` replaces the classification MAP loss (it gets
     the prior as the training loop's ``aux``; e.g. ``map_loss(N, task="segmentation")``)

@@ -112,6 +112,12 @@ def check_config(config: dict, where: str = "config") -> dict:
     if tuning["validation"] not in ("extra", "within"):
         raise BayesTransferError(f"{where}: tuning 'validation' must be 'extra' or 'within', "
                                  f"got {tuning['validation']!r}")
+    evidence_only = all(variants.get(m.rpartition(":")[2], {}).get("scale") == "evidence"
+                        for m in config["methods"])
+    if tuning["validation"] == "within" and 1 in config["shots"] and not evidence_only:
+        raise BayesTransferError(f"{where}: 'validation': 'within' needs at least 2 shots per "
+                                 f"class (one to train, one to validate); 1 per class can "
+                                 f"only be run with 'extra' or by evidence variants alone")
     try:
         EvidenceConfig(**tuning["evidence"])
     except TypeError as e:
