@@ -58,7 +58,7 @@ def scored(best_variance, best_lr=1e-2, base=1e-3):
         else:
             v = result.scale * base
             nll = (math.log10(v / best_variance)) ** 2 + abs(math.log10(result.lr / best_lr))
-        return {"nll": nll, "error": 0.5}, None
+        return {"nll": nll, "error": 0.5, "ece": 0.1, "brier": 0.2}, None
     return evaluate
 
 
@@ -154,3 +154,41 @@ def test_validation_out_of_the_shots_splits_the_same_k_per_class():
     assert np.bincount(three.val.labels).tolist() == [3] * 10
     with pytest.raises(Exception, match="between 1 and shots_per_class - 1"):
         data.load("digits", shots_per_class=1, seed=0, val_from_shots=True)
+
+
+@pytest.fixture(scope="module")
+def prior_path(prior, tmp_path_factory):
+    from bayes_transfer.artifacts import save_prior
+    path = tmp_path_factory.mktemp("prior") / "diag"
+    save_prior(prior.with_metadata({"architecture": {
+        "arch": "small_cnn", "num_classes": 10, "in_channels": 1, "width": 0.25}}), path)
+    return str(path)
+
+
+def test_the_command_line_says_when_the_grid_was_extended(prior_path, calls, monkeypatch,
+                                                          capsys, tmp_path):
+    from bayes_transfer.cli import main
+    monkeypatch.setattr(btmap, "evaluate_classification", scored(1e-5))
+    out = tmp_path / "r.json"
+    main(["finetune", "--prior", prior_path, "--dataset", "digits", "--shots", "5",
+          "--method", "diag", "--epochs", "1", "--extend-grid", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "validation chose an end of the grid: extended it to v = 0.001, 0.0001" in text
+    assert "still at the end after 2 decades" in text
+    assert "(8 configurations," in text                   # 5 variances + none + 2 added
+    import json
+    row = json.loads(out.read_text())["results"][0]
+    assert row["grid_clipped"] and len(row["grid_extended"]) == 2 and row["budget"] == 8
+
+
+def test_the_command_line_learns_the_scale_by_the_evidence(prior_path, capsys, tmp_path):
+    from bayes_transfer.cli import main
+    out = tmp_path / "r.json"
+    main(["finetune", "--prior", prior_path, "--dataset", "digits", "--shots", "5",
+          "--method", "diag", "--epochs", "4", "--scale", "evidence", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "evidence: v = λ·mean diag Σ₀ went" in text
+    import json
+    row = json.loads(out.read_text())["results"][0]
+    assert [t["step"] for t in row["evidence_trace"]] == [1, 2, 3, 4]
+    assert row["budget"] == 1 and row["steps"] == 4
