@@ -68,8 +68,18 @@ def open_builder(spec: str, data_dirs, allow_download: bool):
             continue
         tried.append(f"{data_dir}: not prepared there")
     if allow_download:
-        builder = tfds.builder(spec, data_dir=str(data_dirs[0]), file_format="array_record")
-        builder.download_and_prepare(download_config=no_gcs_config())
+        try:
+            builder = tfds.builder(spec, data_dir=str(data_dirs[0]), file_format="array_record")
+            builder.download_and_prepare(download_config=no_gcs_config())
+        except Exception as e:     # network, a missing extra (TensorFlow), an unknown name
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if isinstance(e, ModuleNotFoundError):
+                first += f" (`pip install {e.name}`)"
+            raise DatasetNotFoundError(
+                f"tfds could not download and prepare {spec!r} into {data_dirs[0]}: "
+                f"{type(e).__name__}: {first}. Preparing runs tfds' own builder, which needs "
+                f"the network and, for many datasets, TensorFlow (`pip install tensorflow`); "
+                f"or prepare it elsewhere and copy the data dir here") from e
         return builder
     raise DatasetNotFoundError(
         f"tfds dataset {spec!r} is not prepared in any data dir. Tried:\n"
