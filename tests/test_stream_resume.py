@@ -8,6 +8,7 @@ This file is also the driver: ``python tests/test_stream_resume.py FOLDER OUT CK
 checkpoint of that step is written (the prefetch thread and the worker are running,
 batches of the next steps already decoded), so the kill lands mid-epoch every time.
 """
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,7 +16,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_streaming import fashion_images, write_folder  # noqa: E402,F401  (fixture)
@@ -84,3 +84,30 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(tmp_path
 
 if __name__ == "__main__":
     _drive(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else None)
+
+
+def test_a_checkpoint_without_the_data_position_still_resumes(tmp_path):
+    """Checkpoints written before the data position was saved (the state alone, orbax's
+    default item) resume as before: in memory, batches are a function of (seed, step)."""
+    import jax
+    import optax
+    import orbax.checkpoint as ocp
+
+    from bayes_transfer import data, models
+    from bayes_transfer.training import TrainConfig, cross_entropy_loss, fit
+
+    train = data.load("digits", seed=0).train.subset(np.arange(64))
+    config = TrainConfig(epochs=2, batch_size=16, progress=False)
+    tx = optax.sgd(0.05)               # one optimizer object: the step compiles once
+
+    def run(**changes):
+        return fit(models.create("small_cnn", 10, width=0.25), train, cross_entropy_loss,
+                   dataclasses.replace(config, **changes), optimizer=tx)
+
+    full, half = run(), run(epochs=1)
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    with ocp.CheckpointManager(tmp_path / "old", options=options) as manager:
+        manager.save(4, args=ocp.args.StandardSave(half.state))          # the old layout
+    resumed = run(checkpoint_dir=str(tmp_path / "old"))
+    for a, b in zip(jax.tree.leaves(full.state.params), jax.tree.leaves(resumed.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

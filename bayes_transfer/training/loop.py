@@ -190,9 +190,15 @@ def _restore(manager, state: TrainState, sharding, stream) -> TrainState:
     """The latest checkpoint's state; its data position must be this stream's."""
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+    step = manager.latest_step()
+    legacy = Path(manager.directory, str(step), "default")
     try:
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        if legacy.is_dir():   # written before the data position was saved: the state alone
+            with ocp.StandardCheckpointer() as checkpointer:
+                restored = {"state": checkpointer.restore(legacy, abstract), "data": None}
+        else:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types; the user needs one message
         raise BayesTransferError(
             f"cannot resume from the checkpoint in {manager.directory}: {e}. It was written "
