@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_streaming import fashion_images, write_folder  # noqa: E402,F401  (fixture)
+from image_folders import fashion_test_images, write_folder  # noqa: E402
 
 from bayes_transfer.cli import main  # noqa: E402
 
@@ -27,6 +28,11 @@ def _digits_folder(root: Path) -> Path:
             image = np.round(bunch.images[i] * 255 / 16).astype(np.uint8)
             Image.fromarray(image).resize((14, 14)).save(d / f"{i}.png")   # grey
     return root
+
+
+@pytest.fixture(scope="module")
+def fashion_images():
+    return fashion_test_images()
 
 
 def test_learn_prior_on_a_folder_then_finetune_on_another(tmp_path, fashion_images, capsys):

@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_streaming import fashion_images, write_folder  # noqa: E402,F401  (fixture)
+from image_folders import fashion_test_images, write_folder  # noqa: E402
 
 EPOCHS, BATCH, KILL_AT = 3, 8, 6       # 33 training images: 4 steps an epoch; 6 is mid-epoch
 
@@ -59,6 +60,11 @@ def _run(args, env, expect_kill=False):
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     else:
         assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def fashion_images():
+    return fashion_test_images()
 
 
 def test_sigkill_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(tmp_path,

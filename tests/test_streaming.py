@@ -8,7 +8,6 @@ tests that are about workers use them.
 import argparse
 import dataclasses
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,41 +16,18 @@ from PIL import Image
 from bayes_transfer import data
 from bayes_transfer.cli import main as cli_main
 from bayes_transfer.cli.datasets import positive_int
-from bayes_transfer.data import local_sources
 from bayes_transfer.data.errors import DataOptionError, DatasetFormatError, DatasetNotFoundError
 from bayes_transfer.data.image_folder import open_folder
 from bayes_transfer.data.image_ops import InputSpec, random_resized_crop_box
 from bayes_transfer.data.pipeline import GrainStream, batch_stream
 from bayes_transfer.data.sources import ArraySource
 from bayes_transfer.data.streamed import StreamedDataset
-
-CLASSES = ("bag", "boot", "coat")     # sorted folder names: ids 0, 1, 2
-FASHION_IDS = {"bag": 8, "boot": 9, "coat": 4}
+from image_folders import CLASSES, fashion_test_images, write_folder
 
 
 @pytest.fixture(scope="module")
 def fashion_images():
-    try:
-        directory = local_sources.locate_fashion_mnist()
-    except local_sources.SourceMissing as e:
-        pytest.skip(f"Fashion-MNIST not installed here: {e.reason}")
-    images, labels = local_sources.read_fashion_mnist(directory, "test")
-    return images[..., 0], labels
-
-
-def write_folder(root: Path, fashion_images, per_class=(12, 4), *, size=(20, 24),
-                 fmt="PNG", rgb=True, splits=("train", "val")) -> Path:
-    """An ImageNet-layout folder of real Fashion-MNIST images (upscaled, RGB or grey)."""
-    images, labels = fashion_images
-    for split, count in zip(splits, per_class):
-        offset = 0 if split == "train" else 100
-        for name in CLASSES:
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for i in np.flatnonzero(labels == FASHION_IDS[name])[offset:offset + count]:
-                im = Image.fromarray(images[i]).resize(size)
-                (im.convert("RGB") if rgb else im).save(d / f"{i}.{fmt.lower()}", format=fmt)
-    return root
+    return fashion_test_images()
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ from typing import Sequence
 import numpy as np
 
 from bayes_transfer.data.array_dataset import ArrayDataset, Splits
-from bayes_transfer.data.data_dirs import (ALLOW_DOWNLOAD_ENV, DATA_DIR_ENV, DEFAULT_DATA_DIR,
-                                           default_data_dir, download_allowed, no_gcs_config,
-                                           quiet_tfds_warnings, resolve_data_dir)
+from bayes_transfer.data.data_dirs import (  # noqa: F401  (also importable from here)
+    ALLOW_DOWNLOAD_ENV, DATA_DIR_ENV, DEFAULT_DATA_DIR, default_data_dir, download_allowed,
+    no_gcs_config, quiet_tfds_warnings, resolve_data_dir)
 from bayes_transfer.data.errors import DataOptionError, DatasetNotFoundError, UnknownDatasetError
 from bayes_transfer.data.mixing import is_mix, load_mix_arrays
 from bayes_transfer.data.open_dataset import is_external, open_parts
