@@ -357,7 +357,8 @@ def test_l2_adds_half_l2_times_the_squared_norm(splits, prior):
     plain, _ = base(apply, params, rest, batch, key, prior)
     more, (_, parts) = with_l2(base, 0.3)(apply, params, rest, batch, key, prior)
     sq = sum(float(jnp.sum(jnp.square(x))) for x in jax.tree.leaves(params))
-    np.testing.assert_allclose(more - plain, 0.15 * sq, rtol=1e-5)
+    # a float32 difference of two losses that hold the prior's quadratic term: 1e-4
+    np.testing.assert_allclose(more - plain, 0.15 * sq, rtol=1e-4)
     np.testing.assert_allclose(parts["l2"], 0.15 * sq, rtol=1e-5)
 
 
