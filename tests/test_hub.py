@@ -26,22 +26,16 @@ from bayes_transfer.errors import (ArtifactIntegrityError, BayesTransferError,
                                    OfflineModeError, RegistryError, UnknownPriorError)
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
+from prior_server import METADATA, toy_params as _params
 
 NAME = "toy/lowrank"
 #: the demo prior, in the registry built into the package
 BUILTIN_NAME = "fashion-mnist/small-cnn"
 #: the repository's registry of the other published priors (tests may read the repository)
 REPO_REGISTRY = Path(__file__).resolve().parents[1] / "priors" / "registry.json"
-METADATA = {"architecture": {"arch": "small_cnn", "num_classes": 3, "in_channels": 1},
-            "source": {"dataset": "toy", "split": "train", "method": "supervised"},
-            "recommended_scale": [0.1, 10.0]}
 
 
 # ====================================================================== fixtures
-def _params():
-    return {"backbone": {"conv": {"kernel": np.zeros((3, 3, 1, 2), np.float32),
-                                  "bias": np.zeros((2,), np.float32)}},
-            "head": {"kernel": np.zeros((2, 3), np.float32), "bias": np.zeros((3,), np.float32)}}
 
 
 class Artifact:
