@@ -21,6 +21,17 @@ METADATA = {"architecture": {"arch": "small_cnn", "num_classes": 3, "in_channels
             "recommended_scale": [0.1, 10.0]}
 
 
+def serve(handler):
+    """Serve ``handler`` on 127.0.0.1 (a free port) in a daemon thread:
+    (server, thread, base URL)."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    return httpd, thread, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
 def toy_params():
     return {"backbone": {"conv": {"kernel": np.zeros((3, 3, 1, 2), np.float32),
                                   "bias": np.zeros((2,), np.float32)}},
@@ -95,12 +106,7 @@ class Server:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.httpd, self.thread, self.base = serve(Handler)
 
     def close(self):
         self.httpd.shutdown()

@@ -37,6 +37,7 @@ from bayes_transfer.errors import OfflineModeError, PriorError, SpecMismatchErro
 from bayes_transfer.objectives import map_loss
 from bayes_transfer.params import ParamSpec, flatten_with_paths, map_with_paths
 from bayes_transfer.prior import Prior
+from prior_server import serve
 
 
 # ============================================================================ helpers
@@ -403,12 +404,7 @@ class _Server:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.httpd, self.thread, self.base = serve(Handler)
 
     def close(self):
         self.release.set()

@@ -26,7 +26,7 @@ from bayes_transfer.errors import (ArtifactIntegrityError, BayesTransferError,
                                    OfflineModeError, RegistryError, UnknownPriorError)
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
-from prior_server import METADATA, toy_params as _params
+from prior_server import METADATA, serve, toy_params as _params
 
 NAME = "toy/lowrank"
 #: the demo prior, in the registry built into the package
@@ -116,12 +116,7 @@ class Server:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.httpd, self.thread, self.base = serve(Handler)
 
     def url(self, path: str) -> str:
         return self.base + path
