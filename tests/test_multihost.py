@@ -15,14 +15,13 @@ runs as one process with 4 devices, so both meshes have 4 devices.
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from processes import finish, free_port, start
 
 N, BATCH, STEPS = 64, 16, 6          # 4 steps per epoch: 6 steps cross an epoch boundary
 
@@ -97,42 +96,6 @@ def _worker(out_dir: str) -> None:
                       "local_devices": len(jax.local_devices()), "d": d}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd, devices: int, log):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    # Output to files, not pipes: a process we wait on can never block on a full pipe.
-    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-
-
-def _finish(procs, logs, timeout: float):
-    """(stdout, stderr) of each process. On a hang or a failure, kill them all (a dead
-    peer leaves the other waiting in a collective; SIGTERM is caught by JAX) and fail
-    with their output."""
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    outs = [(Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()) for log in logs]
-    if any(p.returncode for p in procs):
-        report = "\n".join(f"--- process {i} rc={p.returncode}\n{err[-3000:]}"
-                           for i, (p, (_, err)) in enumerate(zip(procs, outs)))
-        pytest.fail(f"a subprocess failed or hung (limit {timeout:.0f} s)\n{report}")
-    return outs
-
-
 def _load(path):
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
@@ -144,16 +107,16 @@ def _launch(port: int) -> list[str]:
 
 
 def test_two_processes_equal_one_process(tmp_path):
-    port = _free_port()
+    port = free_port()
     multi, single = tmp_path / "multi", tmp_path / "single"
     multi.mkdir()
     single.mkdir()
     launch = _launch(port)
     logs = [tmp_path / "process0", tmp_path / "process1", tmp_path / "single"]
-    procs = [_start([*launch, "--process-id", str(i), __file__, str(multi)], 2, logs[i])
+    procs = [start([*launch, "--process-id", str(i), __file__, str(multi)], 2, logs[i])
              for i in range(2)]
-    procs.append(_start([sys.executable, __file__, str(single)], 4, logs[2]))
-    outs = _finish(procs, logs, timeout=150)
+    procs.append(start([sys.executable, __file__, str(single)], 4, logs[2]))
+    outs = finish(procs, logs, timeout=150)
 
     infos = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     assert [(i["process"], i["processes"], i["local_devices"]) for i in infos] == [
@@ -193,15 +156,15 @@ def _layout(root: Path) -> list[str]:
 def test_learn_prior_two_processes_equal_one_process(tmp_path):
     from bayes_transfer.artifacts import read_prior
 
-    port = _free_port()
+    port = free_port()
     multi, single = tmp_path / "multi" / "prior", tmp_path / "single" / "prior"
     multi.parent.mkdir()
     single.parent.mkdir()
     logs = [tmp_path / "process0", tmp_path / "process1", tmp_path / "single"]
-    procs = [_start([*_launch(port), "--process-id", str(i), *LEARN_PRIOR, "--out", str(multi)],
+    procs = [start([*_launch(port), "--process-id", str(i), *LEARN_PRIOR, "--out", str(multi)],
                     2, logs[i]) for i in range(2)]
-    procs.append(_start([sys.executable, *LEARN_PRIOR, "--out", str(single)], 4, logs[2]))
-    outs = _finish(procs, logs, timeout=300)
+    procs.append(start([sys.executable, *LEARN_PRIOR, "--out", str(single)], 4, logs[2]))
+    outs = finish(procs, logs, timeout=300)
 
     # Process 0 wrote the artifact and says so; process 1 waited for it and prints nothing.
     assert f"to {multi}" in outs[0][0] and "saved" not in outs[1][0], outs

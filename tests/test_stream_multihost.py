@@ -9,15 +9,13 @@ the script they run.
 """
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
+
+from processes import finish, free_port, start
 
 N_PER_CLASS, CLASSES, BATCH, STEPS = 10, 3, 8, 5     # 30 images: 3 steps an epoch; 5 cross one
 
@@ -71,19 +69,6 @@ def _worker(folder: str, out: str) -> None:
          "local": stream.process_local}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd, devices: int, log: Path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-
-
 def test_two_processes_each_read_their_share_of_every_global_batch(tmp_path):
     from bayes_transfer import data
     from bayes_transfer.data.pipeline import GrainStream
@@ -92,26 +77,13 @@ def test_two_processes_each_read_their_share_of_every_global_batch(tmp_path):
     _write_folder(folder)
     multi = tmp_path / "multi"
     multi.mkdir()
-    port = _free_port()
+    port = free_port()
     launch = [sys.executable, "-m", "bayes_transfer.launch", "--coordinator",
               f"127.0.0.1:{port}", "--num-processes", "2", "--timeout", "60"]
     logs = [tmp_path / "p0", tmp_path / "p1"]
-    procs = [_start([*launch, "--process-id", str(i), __file__, str(folder), str(multi)], 1,
+    procs = [start([*launch, "--process-id", str(i), __file__, str(folder), str(multi)], 1,
                     logs[i]) for i in range(2)]
-    deadline = time.monotonic() + 240
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    if any(p.returncode for p in procs):
-        pytest.fail("\n".join(f"--- {log.name} rc={p.returncode}\n"
-                              f"{Path(f'{log}.err').read_text()[-3000:]}"
-                              for p, log in zip(procs, logs)))
+    finish(procs, logs, timeout=240)
 
     shares = [json.loads((multi / f"seen{i}.json").read_text()) for i in range(2)]
     assert [(s["process"], s["processes"], s["local"]) for s in shares] == [
