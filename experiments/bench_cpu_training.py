@@ -6,7 +6,8 @@ For each architecture, on the same real Fashion-MNIST images (batch 128, SGD wit
 momentum, forward + backward + update), it times in one process, alternating:
 
 * ``toolkit``: ``bayes_transfer.training.fit`` (the one training loop: batching,
-  sharding, progress, metrics);
+  sharding, progress, metrics), over one JAX device per core as the CLI runs it
+  (``use_cpu_cores``; ``BAYES_TRANSFER_CPU_DEVICES=1``: one device);
 * ``bare``: one jitted Flax NNX + optax step over pre-loaded batches, compiled with each
   set of XLA:CPU options in ``CANDIDATES`` (per-compilation options, so every candidate
   runs in this same process);
@@ -34,6 +35,7 @@ import optax
 from flax import nnx
 
 import bayes_transfer as bt
+from bayes_transfer.models import small_cnn
 from bayes_transfer.models._base import max_pool
 
 _D = "LIBRARY_FUSION_TYPE_"
@@ -80,10 +82,10 @@ def _bare_steps(model, batches, options: dict):
 
     compiled = {name: compile_step(o) for name, o in options.items()}
     if "default" in options:
-        # the same step with the strided-slice max-pool (models._base.max_pool), which
-        # the models do not use yet (docs/benchmarks.md says why)
-        with _slice_max_pool():
-            compiled["default, slice max-pool"] = compile_step({})
+        # the same step with flax's reduce-window max-pool, whose select-and-scatter
+        # gradient the models replaced with models._base.max_pool (docs/benchmarks.md)
+        with _flax_max_pool():
+            compiled["default, flax max-pool"] = compile_step({})
 
     def runner(fn):
         def run():
@@ -96,19 +98,19 @@ def _bare_steps(model, batches, options: dict):
 
 
 @contextlib.contextmanager
-def _slice_max_pool():
-    """Trace the models with ``models._base.max_pool`` in place of ``nnx.max_pool``."""
-    saved = nnx.max_pool
+def _flax_max_pool():
+    """Trace small_cnn with ``nnx.max_pool`` in place of ``models._base.max_pool``."""
+    saved = small_cnn.max_pool
 
-    def pool(x, window_shape, strides=None, padding="VALID"):
-        pad = 0 if padding == "VALID" else padding[0][0]
-        return max_pool(x, window_shape[0], strides[0], pad)
+    def pool(x, window, stride, padding=0):
+        pad = ((padding, padding), (padding, padding)) if padding else "VALID"
+        return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=pad)
 
-    nnx.max_pool = pool
+    small_cnn.max_pool = pool
     try:
         yield
     finally:
-        nnx.max_pool = saved
+        small_cnn.max_pool = saved
 
 
 def _toolkit(model, train):
@@ -276,12 +278,15 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_multi_thread_eigen=false"
                                    " intra_op_parallelism_threads=1").strip()
+    else:    # one JAX device per core, as the CLI has it: `fit` splits each batch over them
+        bt.training.use_cpu_cores()
     try:
         import torch
         torch.set_num_threads(1 if args.one_thread else os.cpu_count() or 1)
     except ImportError:
         torch = None
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{len(jax.devices())}, "
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{len(jax.devices())} "
+          f"(toolkit over all, bare step on one), "
           f"{os.cpu_count()} cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
           f"torch {torch.__version__ if torch else 'not installed'}")
     train, batches = _data(args.images)

@@ -405,3 +405,29 @@ def test_max_pool_equals_flax_max_pool_values_and_gradient(shape, window, stride
     grad = [jax.grad(lambda x, f=f: jnp.sum(f(x) * jnp.arange(f(x).size).reshape(f(x).shape)))
             for f in (ours, flax_pool)]
     np.testing.assert_array_equal(np.asarray(grad[0](x)), np.asarray(grad[1](x)))
+
+
+def test_max_pool_gradient_inside_a_jitted_model_equals_flax_max_pool(monkeypatch):
+    """Regression: finding each window's maximum again in the backward pass (x == out)
+    lost gradients under jit, where XLA recomputed the ReLU output rounded differently
+    from the forward pass. The whole network's jitted gradient must match flax's pool."""
+    import bayes_transfer.models.small_cnn as small_cnn
+    from bayes_transfer.training.predict import make_apply, split_model
+
+    x = jax.random.normal(jax.random.key(1), (20, 8, 8, 1))
+    y = jnp.arange(20) % 10
+
+    def gradient():
+        graphdef, params, rest = split_model(models.create("small_cnn", 10, in_channels=1))
+        apply = make_apply(graphdef)
+
+        def loss(p):
+            logits, _ = apply(p, rest, x, train=True)
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(20), y])
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+    ours = gradient()
+    monkeypatch.setattr(small_cnn, "max_pool", lambda x, window, stride: nnx.max_pool(
+        x, (window, window), strides=(stride, stride)))
+    for a, b in zip(ours, gradient(), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

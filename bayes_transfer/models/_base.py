@@ -93,20 +93,30 @@ def _max_pool(x, window, stride, padding):
 
 
 def _max_pool_fwd(x, window, stride, padding):
-    out = _max_pool(x, window, stride, padding)
-    return out, (x, out)
+    # The gradient's route is fixed here, as the index of each window's first maximum,
+    # not found again in the backward pass by comparing x with the output: under jit, XLA
+    # may recompute x's producer in two fusions rounded differently, and then no element
+    # of a window equals its maximum and the window's gradient is lost.
+    padded, offsets, piece = _pool_slices(x, window, stride, padding)
+    out, first = None, None
+    for k, (i, j) in enumerate(offsets):
+        p = piece(padded, i, j)
+        if out is None:
+            out, first = p, jnp.zeros(p.shape, jnp.int8 if len(offsets) < 128 else jnp.int32)
+        else:
+            first = jnp.where(p > out, k, first)    # strictly greater: the first one stays
+            out = jnp.maximum(out, p)
+    return out, (first, x[:0])     # x[:0]: x's shape and dtype, without its values
 
 
 def _max_pool_bwd(window, stride, padding, saved, g):
-    x, out = saved
-    padded, offsets, piece = _pool_slices(x, window, stride, padding)
-    taken = jnp.zeros(out.shape, bool)
+    first, empty = saved
+    zeros = jnp.zeros((g.shape[0], *empty.shape[1:]), empty.dtype)
+    padded, offsets, piece = _pool_slices(zeros, window, stride, padding)
     grad = jnp.zeros_like(padded)
-    for i, j in offsets:
-        first = (piece(padded, i, j) == out) & ~taken     # the first maximum takes it all
-        taken = taken | first
+    for k, (i, j) in enumerate(offsets):
         _, scatter = jax.vjp(lambda t, i=i, j=j: piece(t, i, j), padded)
-        grad = grad + scatter(jnp.where(first, g, 0).astype(g.dtype))[0]
+        grad = grad + scatter(jnp.where(first == k, g, 0).astype(g.dtype))[0]
     if padding:
         grad = grad[:, padding:-padding, padding:-padding, :]
     return (grad,)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from bayes_transfer.models._base import (Classifier, ModelConfigError, batch_norm, conv,
-                                        global_avg_pool)
+                                        global_avg_pool, max_pool)
 from bayes_transfer.models.blocks import BasicBlock, Bottleneck
 from bayes_transfer.params import flatten_with_paths, path_str
 
@@ -69,7 +69,7 @@ class TorchvisionResNetBackbone(nnx.Module):
         """Stem output before max-pool (stride 2), then layer1..layer4 (strides 4..32)."""
         x = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))
         maps = [x]
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, 3, 2, padding=1)
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for b in layer:
                 x = b(x, train=train)

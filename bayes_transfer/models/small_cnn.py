@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from bayes_transfer.models._base import Classifier, batch_norm, conv, global_avg_pool
+from bayes_transfer.models._base import (Classifier, batch_norm, conv, global_avg_pool,
+                                         max_pool)
 
 
 class ConvBNReLU(nnx.Module):
@@ -47,7 +48,7 @@ class SmallCNNBackbone(nnx.Module):
         maps = []
         for i, stage in enumerate(self.stages):
             if i > 0:
-                x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool(x, 2, 2)
             for block in stage:
                 x = block(x, train=train)
             maps.append(x)
