@@ -10,5 +10,8 @@ the package ``experiments/runner/``.
 """
 from runner.cli import main
 
+from bayes_transfer.training import use_cpu_cores
+
 if __name__ == "__main__":
+    use_cpu_cores()     # one JAX device per core (BAYES_TRANSFER_CPU_DEVICES=1: one)
     main()

@@ -19,6 +19,7 @@ import sys
 
 from bayes_transfer.cli import demo, finetune, priors, train
 from bayes_transfer.errors import BayesTransferError
+from bayes_transfer.training.distributed import use_cpu_cores
 
 __all__ = ["build_parser", "main"]
 
@@ -36,9 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Run one command; a ``BayesTransferError`` is printed as one line (exit 2)."""
+    """Run one command; a ``BayesTransferError`` is printed as one line (exit 2).
+
+    Run as a program (``argv`` None: ``bayes-transfer ...``), it first splits the CPU
+    into one JAX device per core (`use_cpu_cores`), which a call from Python with
+    arguments leaves as the caller set it.
+    """
     args = build_parser().parse_args(argv)
     try:
+        if argv is None:
+            use_cpu_cores()
         args.func(args)
     except BayesTransferError as e:
         print(f"bayes-transfer: error: {e}", file=sys.stderr)

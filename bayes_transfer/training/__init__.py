@@ -5,7 +5,8 @@
 (mesh, sharding, process 0) and ``checkpoints`` (saved model directories).
 """
 from bayes_transfer.training.checkpoints import load_model, save_model
-from bayes_transfer.training.distributed import data_mesh, host_copy, on_process_0
+from bayes_transfer.training.distributed import (data_mesh, host_copy, on_process_0,
+                                                 use_cpu_cores)
 from bayes_transfer.training.loop import fit
 from bayes_transfer.training.objectives import cross_entropy_loss, map_loss
 from bayes_transfer.training.optim import make_optimizer
@@ -15,4 +16,5 @@ from bayes_transfer.training.state import TrainConfig, TrainResult, TrainState
 
 __all__ = ["TrainConfig", "TrainResult", "TrainState", "cross_entropy_loss", "data_mesh",
            "fit", "host_copy", "load_model", "make_apply", "make_optimizer", "map_loss",
-           "on_process_0", "predict", "refresh_batch_stats", "save_model", "split_model"]
+           "on_process_0", "predict", "refresh_batch_stats", "save_model", "split_model",
+           "use_cpu_cores"]
