@@ -98,6 +98,18 @@ def test_every_method_gets_learning_rates_times_its_grid(splits, prior, calls):
     assert [s["weight_decay"] for s in std.sweep][:3] == [0.0, 1e-3, 1e-2]
 
 
+def test_standard_gets_as_many_weight_decays_as_the_grid_has_values(splits, prior, calls):
+    """The default budget is equal too: standard, which has no λ, is tuned over weight
+    decays, one per value of the others' grid (variances and the no-prior limit)."""
+    cfg = config(variances=(0.1, 1.0, 10.0))
+    std = finetune(model(), splits, prior, "standard", config=cfg, evaluate=scored(0.1))
+    assert [c.wd for c in calls] == [0.0, 0.01, 0.1, 1.0] and std.budget == 4
+    calls.clear()
+    diag = finetune(model(), splits, prior, "diag", config=cfg, evaluate=scored(0.1))
+    assert diag.budget == len(calls) == 4
+    assert btmap.equal_weight_decays(6) == (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
 def test_a_clipped_grid_extends_a_decade_at_a_time(splits, prior, calls):
     cfg = config(variances=(0.1, 1.0), max_extensions=4)
     res = finetune(model(), splits, prior, "diag", config=cfg, evaluate=scored(1e-3))

@@ -82,7 +82,8 @@ class FinetuneConfig:
     # without a prior strength, standard, the weight_decays grid), chosen on validation.
     learning_rates: tuple[float, ...] | None = None  # None: (train.learning_rate,)
     weight_decays: tuple[float, ...] | None = None   # decoupled weight decay of the flat-
-                                                     # prior methods (None: train's own)
+                                                     # prior methods (None: as many as the
+                                                     # λ grid has values, equal_weight_decays)
     max_extensions: int = 0          # when validation picks an end of the variances, try a
                                      # decade further, up to this many times per end
     refit: bool = False              # the validation split is part of the labelled budget:
@@ -125,6 +126,13 @@ def scale_grid(prior: Prior, variances=DEFAULT_VARIANCES, include_no_prior=True)
     return grid + ([math.inf] if include_no_prior else [])
 
 
+def equal_weight_decays(n: int) -> tuple[float, ...]:
+    """The weight decays standard fine-tuning (no prior strength to tune) is tried with
+    when a λ grid has ``n`` values, so that it gets the same budget: 0 (its own no-prior
+    limit), then decades up to 1. ``n = 4``: (0, 0.01, 0.1, 1)."""
+    return (0.0,) + tuple(10.0 ** -k for k in range(n - 2, -1, -1))
+
+
 def _probs(logits) -> np.ndarray:
     return np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
 
@@ -160,7 +168,8 @@ def finetune(
 
     Equal budgets: with ``config.learning_rates`` every learning rate is crossed with the
     λ grid, and a method without a prior strength (standard) is crossed with
-    ``config.weight_decays`` instead; ``config.max_extensions`` extends a grid whose end
+    ``config.weight_decays`` instead (by default :func:`equal_weight_decays`, as many as
+    the λ grid has values, so standard is tuned as much as the others); ``config.max_extensions`` extends a grid whose end
     validation picks; ``config.refit`` retrains the choice on train ∪ val (the validation
     examples are part of the labelled budget, ``data.load(..., val_from_shots=True)``).
     The result records the budget (configurations), optimizer steps and seconds.
@@ -200,12 +209,15 @@ def finetune(
     flat = method_prior.kind == "flat"
     base = 1.0 if flat else float(jnp.mean(method_prior.base_variance()))
     rates = tuple(config.learning_rates or (config.train.learning_rate,))
-    decays = tuple(config.weight_decays or (config.train.weight_decay,)) if flat else (
-        config.train.weight_decay,)
     if scale == "auto":
         grid = scale_grid(method_prior, config.variances, config.include_no_prior)
     else:
         grid = [float(scale)]
+    decays = (config.train.weight_decay,)
+    if flat and config.weight_decays:
+        decays = tuple(config.weight_decays)
+    elif flat and scale == "auto":     # as many configurations as a prior method's grid
+        decays = equal_weight_decays(len(config.variances) + config.include_no_prior)
     tag = lambda lr, wd: ((f"-lr{lr:.6g}" if len(rates) > 1 else "")  # noqa: E731
                           + (f"-wd{wd:.6g}" if wd != config.train.weight_decay else ""))
 
