@@ -50,6 +50,10 @@ import bayes_transfer as bt
 from bayes_transfer import hub
 from bayes_transfer.evaluation.plots import reliability_diagram
 
+# One JAX device per CPU core, so that training uses every core of a CPU runtime
+# (it must come before any JAX computation; a GPU or TPU runtime is left as it is).
+bt.training.use_cpu_cores()
+
 # bayes_transfer.evaluation.plots renders to files (matplotlib's Agg backend); show figures inline.
 # %matplotlib inline
 

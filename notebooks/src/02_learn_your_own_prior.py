@@ -49,6 +49,10 @@ import numpy as np
 import bayes_transfer as bt
 from bayes_transfer import hub
 
+# One JAX device per CPU core, so that training uses every core of a CPU runtime
+# (it must come before any JAX computation; a GPU or TPU runtime is left as it is).
+bt.training.use_cpu_cores()
+
 # %%
 # FAST=True (set BAYES_TRANSFER_FAST=1) shrinks every budget so the notebook runs in
 # a minute or two on a laptop CPU; the numbers are then only a smoke test.
