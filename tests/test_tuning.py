@@ -204,3 +204,31 @@ def test_the_command_line_learns_the_scale_by_the_evidence(prior_path, capsys, t
     row = json.loads(out.read_text())["results"][0]
     assert [t["step"] for t in row["evidence_trace"]] == [1, 2, 3, 4]
     assert row["budget"] == 1 and row["steps"] == 4
+
+
+def test_the_command_line_compares_all_methods_with_equal_budgets_inside_the_shots(
+        prior_path, calls, monkeypatch, tmp_path):
+    """`finetune --method all` tunes every method alike, as the demo does: learning rates
+    --lr and --lr/10 crossed with each method's grid (weight decays for standard), chosen
+    on validation held out of the shots, the choice retrained on all of them."""
+    import json
+
+    from bayes_transfer.cli import main
+    monkeypatch.setattr(btmap, "evaluate_classification", scored(1.0))
+    out = tmp_path / "r.json"
+    assert main(["finetune", "--prior", prior_path, "--dataset", "digits", "--shots", "5",
+                 "--method", "all", "--epochs", "1", "--extend-grid", "0",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    # every method but lowrank: this prior is diagonal, it has no SWAG deviations
+    assert [r["method"] for r in rows] == [m for m in btmap.METHODS if m != "lowrank"]
+    assert {r["budget"] for r in rows} == {2 * 6}        # 2 rates × (5 λ + none), or 6 wd
+    assert {c.lr for c in calls} == {1e-2, 1e-3}
+    sizes = sorted({c.n for c in calls})
+    assert sizes == [40, 50]                   # 4 of the 5 per class to train, all 5 to refit
+    # an explicit choice wins: validation besides the shots, one learning rate
+    calls.clear()
+    main(["finetune", "--prior", prior_path, "--dataset", "digits", "--shots", "5",
+          "--method", "all", "--epochs", "1", "--extend-grid", "0", "--no-val-from-shots",
+          "--learning-rates", "0.01"])
+    assert {c.lr for c in calls} == {1e-2} and {c.n for c in calls} == {50}

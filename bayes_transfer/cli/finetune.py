@@ -1,6 +1,7 @@
 """``finetune`` and ``suggest``: the downstream side."""
 from __future__ import annotations
 
+import argparse
 import shlex
 
 from bayes_transfer import models
@@ -29,7 +30,7 @@ def _target_splits(args, prior):
     spec = input_of(source.get("input"), source, channels)
     return load_splits(args, spec=spec, channels=channels, shots_per_class=args.shots,
                        classes=classes(args.classes),
-                       val_from_shots=getattr(args, "val_from_shots", False))
+                       val_from_shots=bool(getattr(args, "val_from_shots", False)))
 
 
 def cmd_finetune(args) -> None:
@@ -37,14 +38,20 @@ def cmd_finetune(args) -> None:
         segmentation.run_finetune(args)
         return
     prior = load_prior(args.prior)
+    methods = args.method
+    if args.method == ["all"]:
+        # every MAP method this prior has the arrays for, each tuned alike (the demo's
+        # protocol, the best for its compute in RESULTS.md's issue-20 study)
+        methods = [m for m in METHODS if m != "lowrank" or prior.kind == "lowrank"]
+        args.learning_rates = args.learning_rates or [args.lr, args.lr / 10]
+        args.val_from_shots = args.val_from_shots is not False
     splits = _target_splits(args, prior)
-    methods = METHODS if args.method == ["all"] else args.method
     config = FinetuneConfig(train=TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         learning_rate=args.lr, seed=args.seed, desc="finetune"), head_decay=args.head_decay,
         reinit_top=args.reinit_top, learning_rates=args.learning_rates,
         weight_decays=args.weight_decays, max_extensions=args.extend_grid,
-        refit=args.val_from_shots)
+        refit=bool(args.val_from_shots))
     results, cache = [], {}
     scale = args.scale if args.scale in ("auto", "evidence") else float(args.scale)
     for method in methods:
@@ -115,7 +122,10 @@ def add_parsers(sub) -> None:
                    help="examples per class (default 10)")
     p.add_argument("--method", nargs="+", default=["lowrank"],
                    help=f"one or more of {', '.join(METHODS)} (MAP), sgld or swag "
-                        f"(samples + model averaging), or 'all' (every MAP method)")
+                        f"(samples + model averaging), or 'all' (every MAP method, each "
+                        f"tuned alike: learning rates --lr and --lr/10 unless "
+                        f"--learning-rates, validation out of the shots unless "
+                        f"--no-val-from-shots)")
     p.add_argument("--samples", type=int, default=10,
                    help="posterior samples for sgld/swag (default 10)")
     p.add_argument("--prior-method", default="lowrank", choices=METHODS,
@@ -136,9 +146,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--extend-grid", type=int, default=3,
                    help="when validation picks an end of the λ grid, try up to N decades "
                         "further (default 3; 0: never)")
-    p.add_argument("--val-from-shots", action="store_true",
+    p.add_argument("--val-from-shots", action=argparse.BooleanOptionalAction, default=None,
                    help="--shots is the whole labelled budget: hold out a fifth of it to "
-                        "choose, then retrain the choice on all of it")
+                        "choose, then retrain the choice on all of it (the default with "
+                        "--method all; otherwise validation is a split besides the shots)")
     p.add_argument("--head-decay", type=float, default=1e-4)
     p.add_argument("--reinit-top", type=int, default=0,
                    help="re-initialise the top k backbone blocks (outside the prior)")
