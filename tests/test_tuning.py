@@ -131,6 +131,24 @@ def test_a_clipped_grid_extends_a_decade_at_a_time(splits, prior, calls):
     assert res.scale * 1e-3 == pytest.approx(10.0) and not res.grid_clipped
 
 
+def test_a_weight_decay_chosen_at_the_top_extends_too(splits, prior, calls):
+    """Standard's grid is weight decays: validation picking the largest one tried makes
+    it try ten times more (at that learning rate), as far as max_extensions allows."""
+    def evaluate(result, dataset):      # best weight decay: 50 (NLL grows away from it)
+        wd = max(result.wd, 1e-6)
+        return {"nll": (math.log10(wd / 50.0)) ** 2, "error": 0.5}, None
+
+    res = finetune(model(), splits, prior, "standard", config=config(
+        variances=(0.1, 1.0, 10.0), max_extensions=3), evaluate=evaluate)
+    assert [c.wd for c in calls] == [0.0, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
+    assert [e["weight_decay"] for e in res.grid_extended] == [10.0, 100.0, 1000.0]
+    assert res.weight_decay == 100.0 and not res.grid_clipped and res.budget == 7
+    calls.clear()
+    res = finetune(model(), splits, prior, "standard", config=config(
+        variances=(0.1, 1.0, 10.0), max_extensions=1), evaluate=evaluate)
+    assert res.weight_decay == 10.0 and res.grid_clipped
+
+
 def test_refit_retrains_the_choice_on_every_labelled_example(splits, prior, calls):
     cfg = config(variances=(0.1, 1.0), learning_rates=(1e-3, 1e-2), refit=True)
     res = finetune(model(), splits, prior, "diag", config=cfg, evaluate=scored(0.1, 1e-3))

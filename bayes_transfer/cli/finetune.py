@@ -77,8 +77,10 @@ def cmd_finetune(args) -> None:
               + (f", wd={res.weight_decay:g}" if args.weight_decays and method == "standard"
                  else "") + ")")
         if res.grid_extended:
-            added = ", ".join(f"{e['variance']:g}" for e in res.grid_extended)
-            print(f"{'':10s} validation chose an end of the grid: extended it to v = {added}"
+            key, name = (("variance", "v = ") if "variance" in res.grid_extended[0]
+                         else ("weight_decay", "weight decay "))
+            added = name + ", ".join(f"{e[key]:g}" for e in res.grid_extended)
+            print(f"{'':10s} validation chose an end of the grid: extended it to {added}"
                   + (f"; still at the end after {args.extend_grid} decades (raise "
                      f"--extend-grid)" if res.grid_clipped else ""))
         elif res.grid_clipped:

@@ -106,7 +106,7 @@ class FinetuneResult:
     evidence_trace: list[dict] = dataclasses.field(default_factory=list)
     learning_rate: float = math.nan   # the chosen learning rate
     weight_decay: float = 0.0         # the chosen (decoupled) weight decay
-    grid_extended: list[dict] = dataclasses.field(default_factory=list)  # variances added
+    grid_extended: list[dict] = dataclasses.field(default_factory=list)  # v (or wd) added
     grid_clipped: bool = False        # still at an end of the grid after max_extensions
     budget: int = 1                   # configurations trained to choose (shared ones too)
     steps: int = 0                    # their optimizer steps (+ the refit's)
@@ -257,8 +257,9 @@ def finetune(
             for wd in decays:
                 run(lr, lam, wd)
     extended, clipped = [], False
-    if scale == "auto" and not flat and config.max_extensions > 0:
-        extended, clipped = _extend_grid(run, best, runs, config, base)
+    if scale == "auto" and config.max_extensions > 0:
+        extend = _extend_decays if flat else functools.partial(_extend_grid, base=base)
+        extended, clipped = extend(run, best, runs, config)
     chosen = best()
     final, refit_steps = chosen["result"], 0
     if config.refit:
@@ -292,7 +293,7 @@ def _train_config(train: TrainConfig, lr: float, wd: float) -> TrainConfig:
     return dataclasses.replace(train, **changes)
 
 
-def _extend_grid(run, best, runs: dict, config: FinetuneConfig, base: float):
+def _extend_grid(run, best, runs: dict, config: FinetuneConfig, *, base: float):
     """While validation picks an end of the tried variances (at its learning rate), try
     one decade further, at most ``config.max_extensions`` times per end. Returns (the
     added candidates, whether the choice is still at an end)."""
@@ -317,6 +318,24 @@ def _extend_grid(run, best, runs: dict, config: FinetuneConfig, base: float):
         added.append({"variance": variance, "learning_rate": b["learning_rate"],
                       "side": side})
         run(b["learning_rate"], variance / base, b["weight_decay"])
+
+
+def _extend_decays(run, best, runs: dict, config: FinetuneConfig):
+    """Standard fine-tuning's counterpart of :func:`_extend_grid`: while validation picks
+    the largest weight decay tried (at its learning rate), try ten times more, at most
+    ``config.max_extensions`` times. The other end, no weight decay, is the open one."""
+    added = []
+    while True:
+        b = best()
+        tried = [wd for (lr, _, wd) in runs if lr == b["learning_rate"]]
+        if b["weight_decay"] <= 0 or b["weight_decay"] < max(tried):
+            return added, False
+        if len(added) >= config.max_extensions:
+            return added, True
+        decay = b["weight_decay"] * 10.0
+        added.append({"weight_decay": decay, "learning_rate": b["learning_rate"],
+                      "side": "high"})
+        run(b["learning_rate"], b["scale"], decay)
 
 
 def _union(a, b):
