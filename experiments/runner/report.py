@@ -210,12 +210,16 @@ def fewshot_figure(summary: dict, config: dict, path: Path) -> None:
                 m = np.array([p[1][metric][0] for p in pts])
                 ci = np.nan_to_num(np.array([p[1][metric][2] for p in pts]))
                 name = method if len(summary) == 1 else f"{label}/{method}"
-                ax.plot(x, m, marker="o", label=name)
+                # variants (another protocol for a method, e.g. the evidence) dashed
+                ax.plot(x, m, marker="o", label=name,
+                        linestyle="--" if method in config.get("variants", {}) else "-")
                 ax.fill_between(x, m - ci, m + ci, alpha=0.15)
     for ax, metric in zip(axes, ("test error", "test NLL")):
         ax.set_xscale("log")
+        ax.minorticks_off()      # only the sizes that ran are labelled
         ax.set_xticks([xs[s] for s in shots], [str(s) for s in shots])
-        ax.set_xlabel("training examples per class")
+        within = config.get("tuning", {}).get("validation") == "within"
+        ax.set_xlabel(f"{'labelled' if within else 'training'} examples per class")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
