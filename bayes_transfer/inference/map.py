@@ -170,8 +170,9 @@ def finetune(
     λ grid, and a method without a prior strength (standard) is crossed with
     ``config.weight_decays`` instead (by default :func:`equal_weight_decays`, as many as
     the λ grid has values, so standard is tuned as much as the others);
-    ``config.max_extensions`` extends a grid whose end validation picks; ``config.refit`` retrains the choice on train ∪ val (the validation
-    examples are part of the labelled budget, ``data.load(..., val_from_shots=True)``).
+    ``config.max_extensions`` extends a grid whose end validation picks; ``config.refit``
+    retrains the choice on train ∪ val (the validation examples are part of the labelled
+    budget, ``data.load(..., val_from_shots=True)``).
     The result records the budget (configurations), optimizer steps and seconds.
 
     Other tasks plug in here: ``loss_fn`` replaces the classification MAP loss (it gets
