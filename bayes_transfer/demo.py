@@ -8,9 +8,9 @@ decays for standard fine-tuning), then the choice is retrained on all 10. It rep
 test error / NLL / ECE with a reliability diagram. This is the protocol of the issue-20
 study (RESULTS.md), which found it better than learning λ by the evidence up to 10
 labels per class and no worse at 50. Run by ``bayes-transfer demo``
-(:mod:`bayes_transfer.cli.demo`); ``bayes-transfer demo --fast`` is a smoke test of the same pipeline
-(:data:`FAST_METHODS`, :data:`FAST_CONFIG`: two methods, one configuration each, a few
-epochs; seconds, and its numbers mean little).
+(:mod:`bayes_transfer.cli.demo`); ``bayes-transfer demo --fast`` is a smoke test of the
+same pipeline (:data:`FAST_METHODS`, :data:`FAST_CONFIG`: two methods, one configuration
+each, a few epochs; seconds, and its numbers mean little).
 """
 from __future__ import annotations
 
