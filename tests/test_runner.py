@@ -154,27 +154,32 @@ def test_paired_differences_use_only_seeds_where_both_methods_ran():
 def test_equal_budgets_validation_within_the_shots_and_evidence(prior_dir, tmp_path):
     config = runner.check_config({
         "name": "budgets", "priors": {"p": prior_dir}, "target": {"dataset": "digits"},
-        "shots": [5], "seeds": 1, "methods": ["standard", "lowrank", "lowrank-evidence"],
-        "variants": {"lowrank-evidence": {"method": "lowrank", "scale": "evidence"}},
+        "shots": [5], "seeds": 1,
+        "methods": ["standard", "lowrank", "lowrank-evidence", "lowrank-de-elbo"],
+        "variants": {"lowrank-evidence": {"method": "lowrank", "scale": "evidence"},
+                     "lowrank-de-elbo": {"method": "lowrank", "scale": "de-elbo"}},
         "tuning": {"learning_rates": [1e-3, 1e-2], "variances": [1.0], "steps": 3,
                    "batch_size": 10, "weight_decays": [0.0, 1e-2], "validation": "within",
-                   "evidence": {"updates": 1}}})
+                   "evidence": {"updates": 1}, "elbo": {"init_std": 1e-2}}})
     runner.run(config, tmp_path)
     rows = {r["method"]: r for r in runner.read_rows(tmp_path / "runs.jsonl")}
-    # standard: 2 rates × 2 weight decays; lowrank: 2 rates × (v = 1, no prior); evidence: 1
-    assert [rows[m]["budget"] for m in config["methods"]] == [4, 4, 1]
+    # standard: 2 rates × 2 weight decays; lowrank: 2 rates × (v = 1, no prior);
+    # evidence, de-elbo: 1
+    assert [rows[m]["budget"] for m in config["methods"]] == [4, 4, 1, 1]
     assert rows["standard"]["steps"] == rows["lowrank"]["steps"] == 4 * 3 + 3   # + refit
-    assert rows["lowrank-evidence"]["steps"] == 3
+    assert rows["lowrank-evidence"]["steps"] == rows["lowrank-de-elbo"]["steps"] == 3
     # the 5 shots per class are every label: 4 train + 1 validation, then all 5
     assert all(r["num_train"] == 50 and r["refit"] for r in rows.values())
     trace = rows["lowrank-evidence"]["evidence_trace"]
     assert len(trace) == 2 and trace[0]["applied"] and not trace[1]["applied"]
+    elbo = rows["lowrank-de-elbo"]["evidence_trace"][-1]
+    assert elbo["step"] == 3 and elbo["kappa"] > 1 and elbo["std"] > 0
     text = (tmp_path / "summary.md").read_text()
     assert "## budget and compute per cell" in text
     assert "| lowrank-evidence | 5 | 1 | 3 |" in text
     with pytest.raises(BayesTransferError, match="at least 2 shots per class"):
         runner.check_config({**config, "shots": [1, 5]})
     runner.check_config({**config, "shots": [1], "methods": ["lowrank-evidence"]})
-    with pytest.raises(BayesTransferError, match="'scale' can only be 'evidence'"):
+    with pytest.raises(BayesTransferError, match="'scale' can only be one of"):
         runner.check_config({**config, "variants": {"x": {"method": "lowrank", "scale": 3}},
                              "methods": ["x"]})

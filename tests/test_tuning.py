@@ -222,6 +222,14 @@ def test_the_command_line_learns_the_scale_by_the_evidence(prior_path, capsys, t
     row = json.loads(out.read_text())["results"][0]
     assert [t["step"] for t in row["evidence_trace"]] == [1, 2, 3, 4]
     assert row["budget"] == 1 and row["steps"] == 4
+    main(["finetune", "--prior", prior_path, "--dataset", "digits", "--shots", "5",
+          "--method", "diag", "--epochs", "4", "--scale", "de-elbo", "--out", str(out)])
+    assert "de-elbo: v = λ*·mean diag Σ₀ went" in capsys.readouterr().out
+    row = json.loads(out.read_text())["results"][0]
+    assert row["evidence_trace"][-1]["kappa"] > 1 and row["budget"] == 1
+    assert main(["finetune", "--prior", prior_path, "--dataset", "digits", "--method",
+                 "diag", "--scale", "elbo"]) == 2
+    assert "--scale 'elbo': give a number (λ) or one of" in capsys.readouterr().err
 
 
 def test_the_command_line_compares_all_methods_with_equal_budgets_inside_the_shots(

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from bayes_transfer import models
+from bayes_transfer import BayesTransferError, models
 from bayes_transfer.analysis.suggest import suggest
 from bayes_transfer.cli import segmentation
 from bayes_transfer.cli.common import add_data_args, classes, is_primary, write_report
@@ -16,6 +16,15 @@ from bayes_transfer.prior import METHODS
 from bayes_transfer.training import TrainConfig
 
 SAMPLERS = ("sgld", "swag")
+LEARNED_SCALES = ("auto", "evidence", "de-elbo")
+
+
+def _number(scale: str) -> float:
+    try:
+        return float(scale)
+    except ValueError:
+        raise BayesTransferError(f"--scale {scale!r}: give a number (λ) or one of "
+                                 f"{', '.join(LEARNED_SCALES)}") from None
 
 
 def _line(name: str, metrics: dict, keys=("error", "nll", "ece", "brier")) -> str:
@@ -53,7 +62,7 @@ def cmd_finetune(args) -> None:
         weight_decays=args.weight_decays, max_extensions=args.extend_grid,
         refit=bool(args.val_from_shots))
     results, cache = [], {}
-    scale = args.scale if args.scale in ("auto", "evidence") else float(args.scale)
+    scale = args.scale if args.scale in LEARNED_SCALES else _number(args.scale)
     for method in methods:
         model = models.from_prior(prior, splits.train.num_classes, seed=args.seed)
         if method in SAMPLERS:
@@ -86,10 +95,16 @@ def cmd_finetune(args) -> None:
         elif res.grid_clipped:
             print(f"{'':10s} validation chose an end of the grid (--extend-grid N tries "
                   f"N decades further)")
-        if res.evidence_trace:
-            path = " → ".join(f"{t['variance']:.3g}" for t in res.evidence_trace[:-1])
+        trace = res.evidence_trace
+        if trace and scale == "evidence":
+            path = " → ".join(f"{t['variance']:.3g}" for t in trace[:-1])
             print(f"{'':10s} evidence: v = λ·mean diag Σ₀ went {path} (at the end the "
-                  f"evidence's optimum is v={res.evidence_trace[-1]['variance']:.3g})")
+                  f"evidence's optimum is v={trace[-1]['variance']:.3g})")
+        elif trace:
+            shown = trace[:-1][::max(1, len(trace) // 6)] + trace[-1:]
+            path = " → ".join(f"{t['variance']:.3g}" for t in shown)
+            print(f"{'':10s} de-elbo: v = λ*·mean diag Σ₀ went {path}; q's σ = "
+                  f"{trace[-1]['std']:.3g}")
     if args.out and is_primary():
         write_report(args.out, {"prior": args.prior, "dataset": args.dataset,
                                 "shots": args.shots, "seed": args.seed, "results": results})
@@ -133,8 +148,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--prior-method", default="lowrank", choices=METHODS,
                    help="the prior sgld/swag sample under (default lowrank)")
     p.add_argument("--scale", default="auto",
-                   help="λ, 'auto' (validation grid) or 'evidence' (learned with the weights "
-                        "in one run by the Laplace evidence on the training set)")
+                   help="λ, 'auto' (validation grid), or learned with the weights in one run "
+                        "on the training set: 'evidence' (the Laplace evidence) or 'de-elbo' "
+                        "(the data-emphasized ELBO)")
     p.add_argument("--epochs", type=float, default=40)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--optimizer", default="adam", choices=["sgd", "adam", "adamw"])

@@ -1,5 +1,7 @@
-"""MAP fine-tuning under a prior, with λ chosen on the validation split (or learned by
-the evidence, ``scale="evidence"``: :mod:`bayes_transfer.inference.evidence`).
+"""MAP fine-tuning under a prior, with λ chosen on the validation split (or learned in
+one run: by the Laplace evidence, ``scale="evidence"``,
+:mod:`bayes_transfer.inference.evidence`; by the data-emphasized ELBO,
+``scale="de-elbo"``, :mod:`bayes_transfer.inference.elbo`).
 
 Every method starts from the same point (backbone = prior mean θ̄, a fresh head with the
 same seed), trains with the same settings and gets the same grid of candidate scales;
@@ -27,6 +29,7 @@ from flax import nnx
 from bayes_transfer import data as btdata
 from bayes_transfer.errors import BayesTransferError
 from bayes_transfer.evaluation import metrics as btmetrics
+from bayes_transfer.inference.elbo import ElboConfig, fit_with_elbo
 from bayes_transfer.inference.evidence import EvidenceConfig, fit_with_evidence
 from bayes_transfer.params import flatten_with_paths, map_with_paths, top_block_paths
 from bayes_transfer.prior import METHODS, Prior, restrict_prior
@@ -91,6 +94,8 @@ class FinetuneConfig:
                                      # val_from_shots=...)); evidence: train on train ∪ val
     # scale="evidence": λ learned in one run (bayes_transfer.inference.evidence)
     evidence: EvidenceConfig = EvidenceConfig()
+    # scale="de-elbo": λ learned in one run (bayes_transfer.inference.elbo)
+    elbo: ElboConfig = ElboConfig()
 
 
 @dataclasses.dataclass
@@ -102,7 +107,8 @@ class FinetuneResult:
     sweep: list[dict]                 # every candidate: scale, variance, val metrics
     result: TrainResult               # the chosen run (params, state, history)
     test_probs: np.ndarray | None = None
-    # scale="evidence": λ after each update (and at the end, not applied); else empty
+    # scale="evidence": λ after each update (and at the end, not applied); "de-elbo":
+    # λ* and σ at each epoch's end (and at the end); else empty
     evidence_trace: list[dict] = dataclasses.field(default_factory=list)
     learning_rate: float = math.nan   # the chosen learning rate
     weight_decay: float = 0.0         # the chosen (decoupled) weight decay
@@ -161,7 +167,8 @@ def finetune(
     ``scale="auto"`` tries :func:`scale_grid` and keeps the λ with the best validation
     ``config.select_by``; a number fixes λ; ``"evidence"`` learns λ with the weights in
     one run on the training set by the Laplace evidence, no validation split
-    (:mod:`bayes_transfer.inference.evidence`; the trajectory is ``evidence_trace``).
+    (:mod:`bayes_transfer.inference.evidence`; the trajectory is ``evidence_trace``);
+    ``"de-elbo"`` likewise by the data-emphasized ELBO (:mod:`bayes_transfer.inference.elbo`).
     ``cache`` (a dict) shares the no-prior run
     between methods that all include it, as they start from the same point: use one
     dict per (model initialisation, splits, config), never across them.
@@ -200,8 +207,11 @@ def finetune(
     params = prior.init_params(params)
     params, method_prior = _reinit_top(model, params, method_prior, config.reinit_top)
     evaluate = evaluate_classification if evaluate is None else evaluate
-    if scale == "evidence":
-        out = _finetune_evidence(model, splits, method, method_prior, params, config,
+    if isinstance(scale, str) and scale not in ("auto", "evidence", "de-elbo"):
+        raise BayesTransferError(f"scale must be a number, 'auto', 'evidence' or 'de-elbo', "
+                                 f"got {scale!r}")
+    if scale in ("evidence", "de-elbo"):
+        out = _finetune_one_run(scale, model, splits, method, method_prior, params, config,
                                  evaluate, loss_fn)
         return dataclasses.replace(out, seconds=time.perf_counter() - t0)
     num_train = len(splits.train)
@@ -361,22 +371,31 @@ def _refit(model, splits, method_prior, params, config: FinetuneConfig, loss_fn,
     return result, train.total_steps(btdata.num_batches(n, train.batch_size))
 
 
-def _finetune_evidence(model, splits, method, method_prior, params, config: FinetuneConfig,
-                       evaluate, loss_fn) -> FinetuneResult:
-    """One run with λ learned by the Laplace evidence (``bayes_transfer.inference.evidence``)
-    on the training set (with ``config.refit``: on train ∪ val, every labelled example)."""
+def _finetune_one_run(how: str, model, splits, method, method_prior, params,
+                      config: FinetuneConfig, evaluate, loss_fn) -> FinetuneResult:
+    """One run with λ learned on the training set (with ``config.refit``: on train ∪ val,
+    every labelled example) by the Laplace evidence (``how="evidence"``,
+    ``bayes_transfer.inference.evidence``) or the DE-ELBO (``"de-elbo"``,
+    ``bayes_transfer.inference.elbo``)."""
     data = _union(splits.train, splits.val) if config.refit else splits.train
     n = len(data)
     loss = _loss(n, config, loss_fn)
-    train = dataclasses.replace(config.train, desc=f"{method} λ=evidence")
+    train = dataclasses.replace(config.train, desc=f"{method} λ={how}")
     optimizer = layer_lr_optimizer(config, n, method_prior.spec.paths, params)
+    if method_prior.kind != "flat" and loss_fn is not None:
+        raise BayesTransferError(f"scale={how!r} needs the classification likelihood; it "
+                                 f"does not take a custom loss_fn")
     if method_prior.kind == "flat":        # nothing to learn: one plain run
         result, lam, trace = fit(model, data, loss, train, aux=method_prior,
                                  params=params, optimizer=optimizer), math.inf, []
+    elif how == "de-elbo":
+        if optimizer is not None or config.l2:
+            raise BayesTransferError("scale='de-elbo' does not combine with layer_lr, "
+                                     "layer_lr_decay or l2; use scale='evidence' or 'auto'")
+        result, lam, trace = fit_with_elbo(model, data, train, method_prior,
+                                           config=config.elbo, params=params,
+                                           head_decay=config.head_decay)
     else:
-        if loss_fn is not None:
-            raise BayesTransferError("scale='evidence' needs the classification likelihood "
-                                     "(its curvature); it does not take a custom loss_fn")
         result, lam, trace = fit_with_evidence(
             model, data, loss, train, method_prior, config=config.evidence,
             params=params, optimizer=optimizer, extra_curvature=n * config.l2,

@@ -35,7 +35,8 @@ class PosteriorConfig:
     Attributes:
       prior_method: the prior each sample is drawn under (``Prior.for_method``).
       scale: λ, or ``"auto"``: the λ MAP fine-tuning chooses on validation, or
-        ``"evidence"``: the λ it learns in one run (``bayes_transfer.inference.evidence``).
+        ``"evidence"`` or ``"de-elbo"``: the λ it learns in one run
+        (``bayes_transfer.inference.evidence``, ``bayes_transfer.inference.elbo``).
       start: ``"map"`` (the chain/SWAG starts from the MAP solution) or ``"prior"``
         (from the prior mean with a fresh head; SGLD only, needs a numeric scale).
       map: the MAP fine-tuning settings (``FinetuneConfig``).
@@ -109,7 +110,7 @@ def sample_posterior(model, splits, prior, method: str = "sgld", samples: int = 
 
     graphdef, params, rest = split_model(model)
     map_metrics = None
-    if config.start == "map" or config.scale in ("auto", "evidence"):
+    if config.start == "map" or config.scale in ("auto", "evidence", "de-elbo"):
         if map_result is None:
             map_result = finetune(model, splits, prior, config.prior_method,
                                   scale=config.scale, config=config.map)

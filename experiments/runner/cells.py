@@ -2,8 +2,8 @@
 
 Every method of a cell gets the same tuning budget (``config["tuning"]``): each learning
 rate × each effective prior variance (standard fine-tuning: × each weight decay), best
-on validation; a variant with ``"scale": "evidence"`` is one run instead, λ learned by
-the evidence on every labelled example. A sampler (``sgld:M``,
+on validation; a variant with ``"scale": "evidence"`` (or ``"de-elbo"``) is one run
+instead, λ learned on every labelled example. A sampler (``sgld:M``,
 ``swag:M``) starts from the tuned MAP run of its base method M, which it shares with M
 when both run on the same (prior, shots, seed).
 """
@@ -14,7 +14,7 @@ import math
 
 import bayes_transfer as bt
 from bayes_transfer.inference import PosteriorConfig, sample_posterior
-from bayes_transfer.inference.evidence import EvidenceConfig
+from bayes_transfer.inference import ElboConfig, EvidenceConfig
 from bayes_transfer.inference.map import HIGHER_IS_BETTER
 from bayes_transfer.inference.sgld import SGLDConfig
 from bayes_transfer.inference.swag_downstream import SwagDownstreamConfig
@@ -42,14 +42,15 @@ def finetune_config(tuning: dict, lr: float, seed: int):
                              weight_decays=tuple(tuning["weight_decays"] or ()) or None,
                              max_extensions=int(tuning["extend"]),
                              refit=tuning["validation"] == "within",
-                             evidence=EvidenceConfig(**tuning["evidence"]))
+                             evidence=EvidenceConfig(**tuning["evidence"]),
+                             elbo=ElboConfig(**tuning["elbo"]))
 
 
 def tuned_map(prior, splits, method: str, tuning: dict, seed: int, caches: dict,
               variant: dict | None = None):
     """MAP fine-tuning with the shared budget: every lr × every λ (or weight decay, for
     standard fine-tuning), best on validation; or, for a variant with ``"scale":
-    "evidence"``, one run at the first learning rate with λ learned by the evidence."""
+    "evidence"`` or ``"de-elbo"``, one run at the first learning rate with λ learned."""
     options = dict(variant or {})
     method = options.pop("method", method)
     scale = options.pop("scale", "auto")

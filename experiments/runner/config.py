@@ -22,7 +22,9 @@ of SGLD / downstream-SWAG samples under prior M, started from M's MAP solution w
 "lowrank", "reinit_top": 1}}``, any ``FinetuneConfig`` field (``reinit_top``,
 ``layer_lr``, ``layer_lr_decay``, ``l2``) on top of a base method (non-binary transfer),
 or ``"scale": "evidence"``: one run at the first learning rate, λ learned by the Laplace
-evidence (``bayes_transfer.inference.evidence``; its settings in ``tuning["evidence"]``).
+evidence (``bayes_transfer.inference.evidence``; its settings in ``tuning["evidence"]``),
+or ``"scale": "de-elbo"``: the same by the data-emphasized ELBO
+(``bayes_transfer.inference.elbo``; settings in ``tuning["elbo"]``).
 The tuning budget is the same for every method: each learning rate × each effective
 prior variance (plus the no-prior limit), or for standard fine-tuning, which has no λ,
 each learning rate × each of ``"weight_decays"`` (decoupled; give as many as the λ grid
@@ -41,14 +43,17 @@ import json
 from pathlib import Path
 
 from bayes_transfer import METHODS, BayesTransferError
-from bayes_transfer.inference.evidence import EvidenceConfig
+from bayes_transfer.inference import ElboConfig, EvidenceConfig
 
 SAMPLERS = ("sgld", "swag")
 #: FinetuneConfig fields a variant may set (non-binary transfer).
 VARIANT_KEYS = ("reinit_top", "layer_lr", "layer_lr_decay", "l2", "scale")
 DEFAULT_TUNING = {"learning_rates": [1e-2], "variances": [1.0, 10.0, 100.0], "steps": 125,
                   "batch_size": 32, "select_by": "nll", "head_decay": 1e-4,
-                  "weight_decays": None, "extend": 0, "validation": "extra", "evidence": {}}
+                  "weight_decays": None, "extend": 0, "validation": "extra", "evidence": {},
+                  "elbo": {}}
+#: Variant scales learned in one run, without a validation split.
+ONE_RUN_SCALES = ("evidence", "de-elbo")
 #: "validation": "extra" (the validation examples come on top of the shots) or "within"
 #: (the shots are every label: a fifth is held out to choose, then the choice is
 #: retrained on all of them; data.load(val_from_shots=True), FinetuneConfig.refit)
@@ -88,9 +93,9 @@ def check_config(config: dict, where: str = "config") -> dict:
         if unknown:
             raise BayesTransferError(f"{where}: variant {name!r} has unknown keys "
                                      f"{sorted(unknown)}; use {', '.join(VARIANT_KEYS)}")
-        if variant.get("scale", "evidence") != "evidence":
-            raise BayesTransferError(f"{where}: variant {name!r}: 'scale' can only be "
-                                     f"'evidence' (λ learned in one run)")
+        if variant.get("scale", "evidence") not in ONE_RUN_SCALES:
+            raise BayesTransferError(f"{where}: variant {name!r}: 'scale' can only be one of "
+                                     f"{ONE_RUN_SCALES} (λ learned in one run)")
     for method in config["methods"]:
         sampler, _, base = method.rpartition(":")
         if sampler and base in variants:
@@ -112,16 +117,17 @@ def check_config(config: dict, where: str = "config") -> dict:
     if tuning["validation"] not in ("extra", "within"):
         raise BayesTransferError(f"{where}: tuning 'validation' must be 'extra' or 'within', "
                                  f"got {tuning['validation']!r}")
-    evidence_only = all(variants.get(m.rpartition(":")[2], {}).get("scale") == "evidence"
-                        for m in config["methods"])
-    if tuning["validation"] == "within" and 1 in config["shots"] and not evidence_only:
+    one_run_only = all(variants.get(m.rpartition(":")[2], {}).get("scale") in ONE_RUN_SCALES
+                       for m in config["methods"])
+    if tuning["validation"] == "within" and 1 in config["shots"] and not one_run_only:
         raise BayesTransferError(f"{where}: 'validation': 'within' needs at least 2 shots per "
                                  f"class (one to train, one to validate); 1 per class can "
                                  f"only be run with 'extra' or by evidence variants alone")
-    try:
-        EvidenceConfig(**tuning["evidence"])
-    except TypeError as e:
-        raise BayesTransferError(f"{where}: tuning 'evidence': {e}") from None
+    for key, cls in (("evidence", EvidenceConfig), ("elbo", ElboConfig)):
+        try:
+            cls(**tuning[key])
+        except TypeError as e:
+            raise BayesTransferError(f"{where}: tuning {key!r}: {e}") from None
     seeds = config["seeds"]
     config["seeds"] = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     return config

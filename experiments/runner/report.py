@@ -117,10 +117,8 @@ def format_budget(rows: list[dict], config: dict) -> str:
 
 
 def _variance(row: dict) -> str:
-    """The chosen effective variance v of a row ("none": no prior; "wd=…": standard)."""
-    if row.get("evidence_trace"):
-        v = row["evidence_trace"][-2]["variance"] if len(row["evidence_trace"]) > 1 else None
-        return "none" if v is None or not math.isfinite(v) else f"{v:.2g}"
+    """The chosen (or, one-run variants, learned) effective variance v of a row ("none":
+    no prior; "wd=…": standard)."""
     sweep = [s for t in row.get("tuning", []) for s in t.get("sweep", [])]
     match = [s for s in sweep if s.get("scale") == row["scale"]
              and s.get("learning_rate", row["learning_rate"]) == row["learning_rate"]]
