@@ -179,7 +179,11 @@ def test_equal_budgets_validation_within_the_shots_and_evidence(prior_dir, tmp_p
     assert "| lowrank-evidence | 5 | 1 | 3 |" in text
     with pytest.raises(BayesTransferError, match="at least 2 shots per class"):
         runner.check_config({**config, "shots": [1, 5]})
-    runner.check_config({**config, "shots": [1], "methods": ["lowrank-evidence"]})
+    # 1 per class: nothing to hold out, so one-run methods alone, on the one label each
+    one = runner.check_config({**config, "shots": [1], "methods": ["lowrank-de-elbo"]})
+    runner.run(one, tmp_path / "one")
+    [row] = runner.read_rows(tmp_path / "one" / "runs.jsonl")
+    assert row["num_train"] == 10 and row["budget"] == 1
     with pytest.raises(BayesTransferError, match="'scale' can only be one of"):
         runner.check_config({**config, "variants": {"x": {"method": "lowrank", "scale": 3}},
                              "methods": ["x"]})

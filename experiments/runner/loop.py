@@ -38,11 +38,13 @@ def run(config: dict, out_dir) -> dict:
         groups.setdefault(cell[:3], []).append(cell[3])
     for (label, shots, seed), methods in groups.items():
         prior = bt.load_prior(config["priors"][label])
+        within = config["tuning"]["validation"] == "within" and shots != "all"
+        # 1 per class holds nothing out: only one-run methods run there (check_config)
         splits = btdata.load(target["dataset"], classes=target.get("classes"),
                              shots_per_class=None if shots == "all" else shots,
                              label_noise=target.get("label_noise", 0.0), seed=seed,
-                             val_from_shots=(config["tuning"]["validation"] == "within"
-                                             and shots != "all"))
+                             val_from_shots=within and shots != 1,
+                             val_per_class=0 if within and shots == 1 else None)
         maps, caches = {}, {}
         for method in methods:
             bar.set_postfix_str(f"{label} shots={shots} seed={seed} {method}")
