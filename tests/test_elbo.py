@@ -56,6 +56,18 @@ def test_inverse_trace_is_the_trace_of_the_dense_inverse(x64, kind):
                                rtol=1e-10)
 
 
+def test_the_blocked_weighted_gram_is_the_dense_product():
+    from bayes_transfer.prior.woodbury import _GRAM_BLOCK, weighted_gram
+    rng = np.random.default_rng(2)
+    d = 2 * _GRAM_BLOCK + 123                    # two full blocks and a remainder
+    dev, w = rng.normal(size=(3, d)).astype(np.float32), rng.uniform(0.5, 2, d)
+    np.testing.assert_allclose(np.asarray(weighted_gram(jnp.asarray(dev, jnp.bfloat16),
+                                                        jnp.asarray(w, jnp.float32))),
+                               (np.asarray(jnp.asarray(dev, jnp.bfloat16), np.float64) * w)
+                               @ np.asarray(jnp.asarray(dev, jnp.bfloat16), np.float64).T,
+                               rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["lowrank", "diag", "l2sp"])
 def test_profile_kl_is_numpyros_kl_minimised_over_lambda(x64, kind):
     rng = np.random.default_rng(1)

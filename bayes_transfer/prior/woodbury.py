@@ -54,6 +54,29 @@ def capacitance_cholesky(dev, var, scale, floor, coef):
 
 
 @jax.jit
+def weighted_gram(dev, weights):
+    """D̂·diag(w)·D̂ᵀ (K×K, in ``weights``' dtype) in one pass over D̂ in blocks of
+    columns, as :func:`capacitance_cholesky`: temporaries (K, block), never (K, d)."""
+    rank, d = dev.shape
+    block = min(d, _GRAM_BLOCK)
+    n_full = d // block
+
+    def gram(cols, w):
+        cols = cols.astype(w.dtype)
+        return (cols * w) @ cols.T
+
+    def body(i, acc):
+        start = i * block
+        return acc + gram(jax.lax.dynamic_slice_in_dim(dev, start, block, axis=1),
+                          jax.lax.dynamic_slice_in_dim(weights, start, block))
+
+    total = jax.lax.fori_loop(0, n_full, body, jnp.zeros((rank, rank), weights.dtype))
+    if n_full * block < d:
+        total = total + gram(dev[:, n_full * block:], weights[n_full * block:])
+    return total
+
+
+@jax.jit
 def all_finite(x):
     # max|x| is NaN or Inf iff some entry is: one fused reduction, where
     # jnp.all(jnp.isfinite(x)) materialises a (K, d) boolean temporary on CPU.
