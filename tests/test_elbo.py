@@ -49,8 +49,11 @@ def _priors(d, rng, dtype="float64"):
 
 @pytest.mark.parametrize("kind", ["lowrank", "lowrank+floor", "diag", "l2sp"])
 def test_inverse_trace_is_the_trace_of_the_dense_inverse(x64, kind):
-    prior = _priors(9, np.random.default_rng(0))[kind]
-    # the floor is left out: λ·Σ₀ is the covariance whose scale is learned
+    prior = _priors(9, np.random.default_rng(0))[kind].rescale(0.3)
+    dense = np.asarray(prior.covariance())
+    np.testing.assert_allclose(float(prior.inverse_trace()), np.trace(np.linalg.inv(dense)),
+                               rtol=1e-10)
+    # the DE-ELBO's t leaves the floor out: λ·Σ₀ is the covariance whose scale is learned
     dense = np.asarray(prior.rescale(1.0, floor=0.0).covariance())
     np.testing.assert_allclose(float(inverse_trace(prior)), np.trace(np.linalg.inv(dense)),
                                rtol=1e-10)

@@ -48,7 +48,6 @@ from bayes_transfer.data import num_batches
 from bayes_transfer.errors import BayesTransferError
 from bayes_transfer.params import map_with_paths
 from bayes_transfer.prior import Prior
-from bayes_transfer.prior.woodbury import weighted_gram
 from bayes_transfer.training import TrainResult, fit
 from bayes_transfer.training.objectives import head_sq_norm
 from bayes_transfer.training.optim import make_optimizer
@@ -66,19 +65,8 @@ class ElboConfig:
 
 
 def inverse_trace(prior: Prior) -> jax.Array:
-    """t = tr(Σ₀⁻¹) of the prior at λ = 1 and no floor, never forming Σ₀.
-
-    Low rank, Σ₀ = diag(δ) + WᵀW: tr Σ₀⁻¹ = Σ 1/δ − tr(C⁻¹·Wδ⁻²Wᵀ), C = I + Wδ⁻¹Wᵀ
-    (Woodbury), one blocked pass over D̂."""
-    base = prior.rescale(1.0, floor=0.0)
-    dtype = base._compute_dtype()
-    delta = jnp.broadcast_to(base.diag_part(dtype), (base.dim,))
-    trace = jnp.sum(1.0 / delta)
-    if base.deviations is None:
-        return trace
-    gram = base._factor_coef(dtype) * weighted_gram(base.deviations, 1.0 / delta ** 2)
-    chol = base.chol.astype(dtype)
-    return trace - jnp.trace(jax.scipy.linalg.cho_solve((chol, True), gram))
+    """t = tr Σ₀⁻¹: the prior's covariance at λ = 1 without its floor."""
+    return prior.rescale(1.0, floor=0.0).inverse_trace()
 
 
 def profile_kl(quad, trace, std, dim: int):

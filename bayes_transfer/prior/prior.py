@@ -45,7 +45,8 @@ from bayes_transfer.errors import PriorError
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior.sharding import SHARD_MIN_DIM, shard_prior
 from bayes_transfer.prior.woodbury import (all_finite, all_positive, capacitance_cholesky,
-                                           capacitance_cholesky_host, on_host, woodbury_quad)
+                                           capacitance_cholesky_host, on_host, weighted_gram,
+                                           woodbury_quad)
 
 KINDS = ("lowrank", "diag", "isotropic", "flat")
 
@@ -328,6 +329,20 @@ class Prior:
         if self.chol is not None:
             logdet = logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(self.chol).astype(dtype)))
         return logdet
+
+    def inverse_trace(self) -> jax.Array:
+        """tr Σ⁻¹, never forming Σ: Σ 1/δ − c·tr(C⁻¹·D̂δ⁻²D̂ᵀ) with C = LLᵀ the cached
+        capacitance (Woodbury), one blocked pass over D̂. Infinite for a flat prior."""
+        if self.kind == "flat":
+            return jnp.full((), jnp.inf)
+        dtype = self._compute_dtype()
+        delta = jnp.broadcast_to(self.diag_part(dtype), (self.dim,))
+        trace = jnp.sum(1.0 / delta)
+        if self.deviations is None:
+            return trace
+        gram = self._factor_coef(dtype) * weighted_gram(self.deviations, 1.0 / delta ** 2)
+        chol = self.chol.astype(dtype)
+        return trace - jnp.trace(jax.scipy.linalg.cho_solve((chol, True), gram))
 
     def grad_log_prob(self, params):
         """∇θ log p(θ), with the structure of ``params``."""
