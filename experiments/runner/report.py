@@ -192,6 +192,9 @@ def figures(summary: dict, config: dict, out: Path) -> None:
         reliability_diagram(curves, out / "reliability.png")
 
 
+LINE_STYLES = {"evidence": "--", "de-elbo": ":"}   # by a variant's "scale"
+
+
 def fewshot_figure(summary: dict, config: dict, path: Path) -> None:
     """Test error and NLL against examples per class ("all" drawn at 4× the largest)."""
     import matplotlib.pyplot as plt
@@ -200,18 +203,24 @@ def fewshot_figure(summary: dict, config: dict, path: Path) -> None:
     numeric = [s for s in shots if s != "all"]
     xs = {s: (s if s != "all" else (max(numeric) * 4 if numeric else 1)) for s in shots}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    # One colour per prior (a variant takes its base method's), one line style per way
+    # of choosing λ: the validation grid solid, the evidence dashed, the DE-ELBO dotted.
+    variants = config.get("variants", {})
+    base = {m: variants.get(m, {}).get("method", m) for ms in summary.values() for m in ms}
+    colours = {b: f"C{i % 10}" for i, b in enumerate(dict.fromkeys(base.values()))}
     for label, methods in summary.items():
         for method, by in methods.items():
+            style = ("-" if method not in variants else
+                     LINE_STYLES.get(variants[method].get("scale"), "-."))
             pts = [(xs[s], by[str(s)]) for s in shots if str(s) in by]
             for ax, metric in zip(axes, ("error", "nll")):
                 x = [p[0] for p in pts]
                 m = np.array([p[1][metric][0] for p in pts])
                 ci = np.nan_to_num(np.array([p[1][metric][2] for p in pts]))
                 name = method if len(summary) == 1 else f"{label}/{method}"
-                # variants (another protocol for a method, e.g. the evidence) dashed
-                ax.plot(x, m, marker="o", label=name,
-                        linestyle="--" if method in config.get("variants", {}) else "-")
-                ax.fill_between(x, m - ci, m + ci, alpha=0.15)
+                ax.plot(x, m, marker="o", label=name, linestyle=style,
+                        color=colours[base[method]])
+                ax.fill_between(x, m - ci, m + ci, alpha=0.1, color=colours[base[method]])
     for ax, metric in zip(axes, ("test error", "test NLL")):
         ax.set_xscale("log")
         ax.minorticks_off()      # only the sizes that ran are labelled
