@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 import pytest
-from flax import nnx
 from scipy import optimize
 
 from bayes_transfer import BayesTransferError, data, models
@@ -29,6 +28,7 @@ from bayes_transfer.inference.map import FinetuneConfig, finetune
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
 from bayes_transfer.training import TrainConfig, predict, split_model
+from linear_regression import NOISE, LinearModel, as_images, gaussian_nll, regression
 
 
 @pytest.fixture
@@ -93,29 +93,6 @@ def test_profile_kl_is_numpyros_kl_minimised_over_lambda(x64, kind):
 
 
 # --------------------------------------------------------------------------- linear-Gaussian
-NOISE = 0.5     # the likelihood's noise standard deviation
-
-
-class _Weights(nnx.Module):
-    def __init__(self, d):
-        self.w = nnx.Param(jnp.zeros(d))
-
-
-class _Linear(nnx.Module):
-    """y ≈ x·w; x and y ride in the image array (N, 1, 1, d + 1), y last."""
-
-    def __init__(self, d):
-        self.backbone = _Weights(d)
-
-    def __call__(self, x, train=False):
-        return x.reshape(x.shape[0], -1)[:, :-1] @ self.backbone.w[...]
-
-
-def _gaussian_nll(pred, batch):
-    y = batch["image"][:, 0, 0, -1]
-    return 0.5 * jnp.mean(jnp.square(y - pred)) / NOISE**2
-
-
 def _closed_form(prior, x, y, kappa):
     """The joint optimum (m, σ, λ) of the DE-ELBO of linear regression, by iterating its
     three stationarity equations (each an exact coordinate maximisation)."""
@@ -134,24 +111,22 @@ def _closed_form(prior, x, y, kappa):
 @pytest.mark.parametrize("kappa", [None, 1.0])
 def test_one_run_ends_at_the_closed_form_optimum_of_linear_regression(kappa):
     rng = np.random.default_rng(3)
-    n, d = 40, 6
-    x = rng.normal(size=(n, d))
-    y = x @ rng.normal(size=d) + NOISE * rng.normal(size=n)
+    x, y = regression(rng)
+    n, d = x.shape
     spec = ParamSpec(paths=("backbone/w",), shapes=((d,),), dtypes=("float32",))
     prior = Prior.lowrank(spec, jnp.asarray(rng.normal(size=d) * 0.5, jnp.float32),
                           jnp.asarray(rng.uniform(0.2, 1.0, d), jnp.float32),
                           jnp.asarray(rng.normal(size=(3, d)) * 0.5, jnp.float32))
-    images = np.concatenate([x, y[:, None]], 1).reshape(n, 1, 1, d + 1).astype(np.float32)
-    dataset = ArrayDataset(images=images, labels=np.zeros(n, np.int32), num_classes=1,
-                           name="linear")
+    dataset = ArrayDataset(images=as_images(x, y), labels=np.zeros(n, np.int32),
+                           num_classes=1, name="linear")
     train = TrainConfig(steps=3000, batch_size=n, optimizer="adam", learning_rate=0.02,
                         schedule="cosine", progress=False)
-    model = _Linear(d)
+    model = LinearModel(d)
     _, params, _ = split_model(model)
     config = ElboConfig(kappa=kappa, init_std=0.01, std_learning_rate=0.02)
     result, scale, trace = fit_with_elbo(model, dataset, train, prior, config=config,
                                          params=prior.init_params(params),
-                                         nll_fn=_gaussian_nll)
+                                         nll_fn=gaussian_nll)
     want_m, want_std, want_lam = _closed_form(prior, x, y, d / n if kappa is None else kappa)
     assert trace[-1]["kappa"] == pytest.approx(d / n if kappa is None else 1.0)
     np.testing.assert_allclose(np.asarray(spec.ravel(result.params)), want_m, atol=0.02)

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from scipy import optimize
 
 from bayes_transfer import data, models
@@ -31,6 +30,7 @@ from bayes_transfer.prior import Prior
 from bayes_transfer.prior.evidence import log_evidence, maximise_log_evidence
 from bayes_transfer.training import TrainConfig, split_model
 from bayes_transfer.training.objectives import prior_penalty
+from linear_regression import NOISE, LinearModel, as_images, gaussian_nll, regression
 
 
 @pytest.fixture
@@ -109,51 +109,24 @@ def test_the_search_finds_the_maximum_of_a_dense_scan(x64, kind):
 
 
 # --------------------------------------------------------------------------- linear-Gaussian
-SIGMA = 0.5     # the likelihood's noise standard deviation
-
-
-class _Weights(nnx.Module):
-    def __init__(self, d):
-        self.w = nnx.Param(jnp.zeros(d))
-
-
-class LinearModel(nnx.Module):
-    """y ≈ x·w; the inputs ride in the image array (N, 1, 1, d) of an ArrayDataset."""
-
-    def __init__(self, d):
-        self.backbone = _Weights(d)
-
-    def __call__(self, x, train=False):
-        return x.reshape(x.shape[0], -1) @ self.backbone.w[...]
-
-
-def _regression(rng, n=40, d=6):
-    x = rng.normal(size=(n, d))
-    w = rng.normal(size=d)
-    y = x @ w + SIGMA * rng.normal(size=n)
-    return x, y
-
-
 def _gaussian_loss(num_train):
     def loss(apply, params, rest, batch, key, prior):
-        x = batch["image"][..., :-1]
-        y = batch["image"][:, 0, 0, -1]
-        pred, rest = apply(params, rest, x, train=True)
-        nll = 0.5 * jnp.mean(jnp.square(y - pred)) / SIGMA**2
+        pred, rest = apply(params, rest, batch["image"], train=True)
+        nll = gaussian_nll(pred, batch)
         return nll + prior_penalty(prior, params, num_train), (rest, {"nll": nll})
     return loss
 
 
 def _log_marginal(prior, x, y, lam):
     """log N(y; Xθ̄, XΣ_λXᵀ + σ²I): the evidence of Bayesian linear regression."""
-    cov = x @ np.asarray(prior.rescale(lam).covariance()) @ x.T + SIGMA**2 * np.eye(len(y))
+    cov = x @ np.asarray(prior.rescale(lam).covariance()) @ x.T + NOISE**2 * np.eye(len(y))
     r = y - x @ np.broadcast_to(np.asarray(prior.mean), (x.shape[1],))
     return -0.5 * (r @ np.linalg.solve(cov, r) + np.linalg.slogdet(2 * np.pi * cov)[1])
 
 
 def _fit_linear(prior, x, y, evidence: EvidenceConfig, steps_per_update=300):
     n, d = x.shape
-    images = np.concatenate([x, y[:, None]], 1).reshape(n, 1, 1, d + 1).astype(np.float64)
+    images = as_images(x, y, np.float64)
     dataset = ArrayDataset(images=images.astype(np.float32), labels=np.zeros(n, np.int32),
                            num_classes=1, name="linear")
     # float64 inputs: the dataset stores float32, the test's precision needs float64
@@ -164,7 +137,7 @@ def _fit_linear(prior, x, y, evidence: EvidenceConfig, steps_per_update=300):
     model = LinearModel(d)
     _, params, _ = split_model(model)
     params = prior.init_params(params)
-    factor = x / SIGMA          # the Hessian of the summed NLL is XᵀX/σ² = GᵀG, exactly
+    factor = x / NOISE          # the Hessian of the summed NLL is XᵀX/σ² = GᵀG, exactly
     return fit_with_evidence(model, dataset, _gaussian_loss(n), train, prior,
                              config=evidence, params=params,
                              curvature=lambda res: jnp.asarray(factor))
@@ -186,7 +159,7 @@ class _Float64Dataset:
 
 def test_one_run_ends_at_the_closed_form_evidence_optimum_of_linear_regression(x64):
     rng = np.random.default_rng(3)
-    x, y = _regression(rng)
+    x, y = regression(rng)
     d = x.shape[1]
     spec = _spec(d)
     prior = Prior.lowrank(spec, rng.normal(size=d) * 0.5, rng.uniform(0.2, 1.0, d),
@@ -203,8 +176,8 @@ def test_one_run_ends_at_the_closed_form_evidence_optimum_of_linear_regression(x
     np.testing.assert_allclose(trace[-1]["scale"], lam_star, rtol=1e-4)
     # and the weights are the posterior mean at λ*
     sigma = np.asarray(prior.rescale(lam_star).covariance())
-    precision = x.T @ x / SIGMA**2 + np.linalg.inv(sigma)
-    post = np.linalg.solve(precision, x.T @ y / SIGMA**2
+    precision = x.T @ x / NOISE**2 + np.linalg.inv(sigma)
+    post = np.linalg.solve(precision, x.T @ y / NOISE**2
                            + np.linalg.solve(sigma, np.asarray(prior.mean)))
     np.testing.assert_allclose(np.asarray(_spec(d).ravel(result.params, jnp.float64)), post,
                                rtol=1e-5, atol=1e-7)
@@ -212,7 +185,7 @@ def test_one_run_ends_at_the_closed_form_evidence_optimum_of_linear_regression(x
 
 def test_a_prior_far_from_the_data_goes_to_the_no_prior_limit(x64):
     rng = np.random.default_rng(4)
-    x, y = _regression(rng)
+    x, y = regression(rng)
     d = x.shape[1]
     far = np.full(d, 300.0)
     prior = Prior.lowrank(_spec(d), far, rng.uniform(0.2, 1.0, d), rng.normal(size=(3, d)))
