@@ -212,7 +212,7 @@ def finetune(
                                  f"got {scale!r}")
     if scale in ("evidence", "de-elbo"):
         out = _finetune_one_run(scale, model, splits, method, method_prior, params, config,
-                                 evaluate, loss_fn)
+                                evaluate, loss_fn)
         return dataclasses.replace(out, seconds=time.perf_counter() - t0)
     num_train = len(splits.train)
     loss = _loss(num_train, config, loss_fn)
