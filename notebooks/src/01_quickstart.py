@@ -188,6 +188,10 @@ display(Image(filename=str(OUT / "reliability.png")))
 # * Other baselines use the same call: `method=` `"l2"`, `"l2sp"`, `"isotropic"`,
 #   `"diag"` (`bt.METHODS`); the command line runs them all:
 #   `bayes-transfer finetune --prior fashion-mnist/small-cnn --method all`.
+# * No validation labels to spare? `bt.finetune(..., scale="de-elbo")` learns λ with
+#   the weights in one run on the training set (the data-emphasized ELBO; `"evidence"`
+#   uses the Laplace evidence). RESULTS.md measures where that matches the grid (a
+#   target close to the source) and where it does not (one that wants no prior).
 # * No budget for a sweep? `print(bt.suggest(prior, splits))` proposes a prior
 #   strength before any fine-tuning, from how much better the prior's features
 #   separate the target classes than random ones (`bayes-transfer suggest` on the
