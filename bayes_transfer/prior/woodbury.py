@@ -23,57 +23,49 @@ import numpy as np
 _GRAM_BLOCK = 1 << 15   # columns of D̂ per step of the capacitance's one pass
 
 
+def _gram_pass(dev, vec, weight, dtype):
+    """D̂·diag(weight(vec))·D̂ᵀ in ``dtype``, in one pass over D̂ in blocks of columns: the
+    temporaries are (K, block), not (K, d), D̂ is read once rather than K times, and the
+    weights are formed block by block from the d-vector ``vec``."""
+    rank, d = dev.shape
+    block = min(d, _GRAM_BLOCK)
+    n_full = d // block
+
+    def gram(cols, v):
+        cols = cols.astype(dtype)
+        return (cols * weight(v)) @ cols.T
+
+    def body(i, acc):
+        start = i * block
+        return acc + gram(jax.lax.dynamic_slice_in_dim(dev, start, block, axis=1),
+                          jax.lax.dynamic_slice_in_dim(vec, start, block))
+
+    total = jax.lax.fori_loop(0, n_full, body, jnp.zeros((rank, rank), dtype))
+    if n_full * block < d:
+        total = total + gram(dev[:, n_full * block:], vec[n_full * block:])
+    return total
+
+
 @jax.jit
 def capacitance_cholesky(dev, var, scale, floor, coef):
     """Cholesky factor of I + coef·D̂ δ⁻¹ D̂ᵀ, δ = λ·var/2 + ε (var of shape (d,) or ()).
 
-    One pass over D̂ in blocks of columns, so the temporaries are (K, block), not (K, d),
-    and D̂ is read once rather than K times; δ⁻¹ is formed block by block too (eagerly it
-    was two d-vectors at load time). Jitted: eager rescales compile once per shape.
+    One blocked pass over D̂ (:func:`_gram_pass`); δ⁻¹ is formed block by block too
+    (eagerly it was two d-vectors at load time). Jitted: eager rescales compile once
+    per shape.
     """
     dtype = scale.dtype
-    rank, d = dev.shape
-    block = min(d, _GRAM_BLOCK)
-    n_full = d // block
-    var = jnp.broadcast_to(var, (d,))
-
-    def gram(cols, v):
-        cols = cols.astype(dtype)
-        inv = 1.0 / (scale * (0.5 * v.astype(dtype)) + floor)    # 1/δ, as Prior._diag rounds it
-        return (cols * inv) @ cols.T
-
-    def body(i, acc):
-        start = i * block
-        return acc + gram(jax.lax.dynamic_slice_in_dim(dev, start, block, axis=1),
-                          jax.lax.dynamic_slice_in_dim(var, start, block))
-
-    total = jax.lax.fori_loop(0, n_full, body, jnp.zeros((rank, rank), dtype))
-    if n_full * block < d:
-        total = total + gram(dev[:, n_full * block:], var[n_full * block:])
-    return jnp.linalg.cholesky(jnp.eye(rank, dtype=dtype) + coef * total)
+    var = jnp.broadcast_to(var, (dev.shape[1],))
+    # 1/δ, as Prior._diag rounds it
+    total = _gram_pass(dev, var, lambda v: 1.0 / (scale * (0.5 * v.astype(dtype)) + floor),
+                       dtype)
+    return jnp.linalg.cholesky(jnp.eye(dev.shape[0], dtype=dtype) + coef * total)
 
 
 @jax.jit
 def weighted_gram(dev, weights):
-    """D̂·diag(w)·D̂ᵀ (K×K, in ``weights``' dtype) in one pass over D̂ in blocks of
-    columns, as :func:`capacitance_cholesky`: temporaries (K, block), never (K, d)."""
-    rank, d = dev.shape
-    block = min(d, _GRAM_BLOCK)
-    n_full = d // block
-
-    def gram(cols, w):
-        cols = cols.astype(w.dtype)
-        return (cols * w) @ cols.T
-
-    def body(i, acc):
-        start = i * block
-        return acc + gram(jax.lax.dynamic_slice_in_dim(dev, start, block, axis=1),
-                          jax.lax.dynamic_slice_in_dim(weights, start, block))
-
-    total = jax.lax.fori_loop(0, n_full, body, jnp.zeros((rank, rank), weights.dtype))
-    if n_full * block < d:
-        total = total + gram(dev[:, n_full * block:], weights[n_full * block:])
-    return total
+    """D̂·diag(w)·D̂ᵀ (K×K, in ``weights``' dtype), one blocked pass over D̂."""
+    return _gram_pass(dev, weights, lambda w: w, weights.dtype)
 
 
 @jax.jit
