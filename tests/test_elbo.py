@@ -11,6 +11,7 @@ one training run against the closed-form optimum of Bayesian linear regression.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -23,7 +24,9 @@ from scipy import optimize
 from bayes_transfer import BayesTransferError, data, models
 from bayes_transfer.data import ArrayDataset
 from bayes_transfer.inference import ElboConfig
-from bayes_transfer.inference.elbo import fit_with_elbo, inverse_trace, profile_kl
+from bayes_transfer.inference.elbo import (block_profile_kl, fit_with_elbo, inverse_trace,
+                                           profile_kl)
+from bayes_transfer.params import backbone_blocks
 from bayes_transfer.inference.map import FinetuneConfig, finetune
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
@@ -53,6 +56,8 @@ def test_inverse_trace_is_the_trace_of_the_dense_inverse(x64, kind):
     dense = np.asarray(prior.covariance())
     np.testing.assert_allclose(float(prior.inverse_trace()), np.trace(np.linalg.inv(dense)),
                                rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(prior.inverse_diagonal()),
+                               np.diag(np.linalg.inv(dense)), rtol=1e-10)
     # the DE-ELBO's t leaves the floor out: λ·Σ₀ is the covariance whose scale is learned
     dense = np.asarray(prior.rescale(1.0, floor=0.0).covariance())
     np.testing.assert_allclose(float(inverse_trace(prior)), np.trace(np.linalg.inv(dense)),
@@ -90,6 +95,48 @@ def test_profile_kl_is_numpyros_kl_minimised_over_lambda(x64, kind):
     # profile_kl leaves out the constant ½·log|Σ₀|
     np.testing.assert_allclose(float(value) + 0.5 * np.linalg.slogdet(sigma0)[1], best.fun,
                                rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "diag"])
+def test_block_profile_kl_is_numpyros_kl_at_per_block_scales(x64, kind):
+    rng = np.random.default_rng(4)
+    d, ids = 9, np.array([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    prior = _priors(d, rng)[kind]
+    m, std, log_rel = rng.normal(size=d), 0.3, rng.normal(size=3)
+    sigma0 = np.asarray(prior.covariance())
+    inv_diag = np.diag(np.linalg.inv(sigma0))
+    traces = np.bincount(ids, inv_diag)
+    sizes = np.bincount(ids).astype(float)
+    u = (m - np.asarray(prior.mean)) * np.exp(-0.5 * log_rel)[ids]
+    quad_u = float(prior.quadratic(jnp.asarray(np.asarray(prior.mean) + u)))
+    value, lam = block_profile_kl(quad_u, jnp.asarray(traces), jnp.asarray(sizes),
+                                  jnp.asarray(log_rel), std, d)
+    q = dist.MultivariateNormal(jnp.asarray(m), std**2 * jnp.eye(d))
+
+    def kl(log_lam):         # the KL at R scaled by exp(log_lam): min over it is value
+        r_half = np.sqrt(np.exp(log_lam + log_rel)[ids])
+        cov = r_half[:, None] * sigma0 * r_half[None, :]
+        return float(dist.kl_divergence(q, dist.MultivariateNormal(jnp.asarray(prior.mean)
+                                                                   * jnp.ones(d), cov)))
+
+    best = optimize.minimize_scalar(kl, bracket=(-3.0, 3.0), tol=1e-12)
+    np.testing.assert_allclose(float(lam), math.exp(best.x), rtol=1e-5)
+    np.testing.assert_allclose(float(value) + 0.5 * np.linalg.slogdet(sigma0)[1], best.fun,
+                               rtol=1e-9)
+    if kind == "diag":       # block-diagonal Σ₀: the per-block optimum in closed form
+        res = optimize.minimize(lambda z: float(block_profile_kl(
+            float(prior.quadratic(jnp.asarray(np.asarray(prior.mean) + (m - np.asarray(
+                prior.mean)) * np.exp(-0.5 * z)[ids]))), jnp.asarray(traces),
+            jnp.asarray(sizes), jnp.asarray(z), std, d)[0]), np.zeros(3), tol=1e-12)
+        z = res.x
+        u = (m - np.asarray(prior.mean)) * np.exp(-0.5 * z)[ids]
+        _, lam = block_profile_kl(float(prior.quadratic(jnp.asarray(np.asarray(prior.mean)
+                                                                    + u))),
+                                  jnp.asarray(traces), jnp.asarray(sizes), jnp.asarray(z),
+                                  std, d)
+        r = (m - np.asarray(prior.mean)) ** 2 * inv_diag
+        want = (std**2 * traces + np.bincount(ids, r)) / sizes
+        np.testing.assert_allclose(float(lam) * np.exp(z), want, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- linear-Gaussian
@@ -173,6 +220,19 @@ def test_finetune_learns_the_scale_in_one_run_and_the_elbo_underfits(digits):
     flat = finetune(fresh(), splits, prior, "standard", scale="de-elbo",
                     config=_config(steps=6))
     assert math.isinf(flat.scale) and flat.evidence_trace == []
+
+
+def test_per_block_scales_are_learned_for_every_backbone_block(digits):
+    splits, prior = digits
+    model = models.create("small_cnn", 10, seed=0, width=0.5)
+    config = dataclasses.replace(_config(steps=20), elbo=ElboConfig(per_block=True))
+    res = finetune(model, splits, prior, "diag", scale="de-elbo", config=config)
+    end = res.evidence_trace[-1]
+    _, params, _ = split_model(models.create("small_cnn", 10, seed=0, width=0.5))
+    assert list(end["block_scales"]) == [b for b, _ in backbone_blocks(params)]
+    scales = np.array(list(end["block_scales"].values()))
+    assert np.all(np.isfinite(scales) & (scales > 0)) and np.ptp(scales) > 0
+    assert predict(res.result, splits.test).shape == (len(splits.test), 10)
 
 
 def test_de_elbo_refuses_what_it_cannot_do(digits):

@@ -184,6 +184,9 @@ def test_equal_budgets_validation_within_the_shots_and_evidence(prior_dir, tmp_p
     runner.run(one, tmp_path / "one")
     [row] = runner.read_rows(tmp_path / "one" / "runs.jsonl")
     assert row["num_train"] == 10 and row["budget"] == 1
+    with pytest.raises(BayesTransferError, match="variant 'x': 'elbo'"):
+        runner.check_config({**config, "methods": ["x"], "variants": {
+            "x": {"method": "lowrank", "scale": "de-elbo", "elbo": {"per_blok": True}}}})
     with pytest.raises(BayesTransferError, match="'scale' can only be one of"):
         runner.check_config({**config, "variants": {"x": {"method": "lowrank", "scale": 3}},
                              "methods": ["x"]})

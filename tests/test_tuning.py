@@ -227,6 +227,9 @@ def test_the_command_line_learns_the_scale_by_the_evidence(prior_path, capsys, t
     assert "de-elbo: v = λ*·mean diag Σ₀ went" in capsys.readouterr().out
     row = json.loads(out.read_text())["results"][0]
     assert row["evidence_trace"][-1]["kappa"] > 1 and row["budget"] == 1
+    main(["finetune", "--prior", prior_path, "--dataset", "digits", "--shots", "5",
+          "--method", "diag", "--epochs", "2", "--scale", "de-elbo", "--per-block"])
+    assert "  block " in capsys.readouterr().out
     assert main(["finetune", "--prior", prior_path, "--dataset", "digits", "--method",
                  "diag", "--scale", "elbo"]) == 2
     assert "--scale 'elbo': give a number (λ) or one of" in capsys.readouterr().err

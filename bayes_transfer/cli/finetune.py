@@ -10,6 +10,7 @@ from bayes_transfer.cli import segmentation
 from bayes_transfer.cli.common import add_data_args, classes, is_primary, write_report
 from bayes_transfer.cli.datasets import input_of, load_splits, positive_int
 from bayes_transfer.hub import load_prior
+from bayes_transfer.inference.elbo import ElboConfig
 from bayes_transfer.inference.map import FinetuneConfig, finetune
 from bayes_transfer.inference.posterior import PosteriorConfig, sample_posterior
 from bayes_transfer.prior import METHODS
@@ -60,7 +61,7 @@ def cmd_finetune(args) -> None:
         learning_rate=args.lr, seed=args.seed, desc="finetune"), head_decay=args.head_decay,
         reinit_top=args.reinit_top, learning_rates=args.learning_rates,
         weight_decays=args.weight_decays, max_extensions=args.extend_grid,
-        refit=bool(args.val_from_shots))
+        refit=bool(args.val_from_shots), elbo=ElboConfig(per_block=args.per_block))
     results, cache = [], {}
     scale = args.scale if args.scale in LEARNED_SCALES else _number(args.scale)
     for method in methods:
@@ -105,6 +106,8 @@ def cmd_finetune(args) -> None:
             path = " → ".join(f"{t['variance']:.3g}" for t in shown)
             print(f"{'':10s} de-elbo: v = λ*·mean diag Σ₀ went {path}; q's σ = "
                   f"{trace[-1]['std']:.3g}")
+            for block, v in trace[-1].get("block_variances", {}).items():
+                print(f"{'':10s}   block {block}: v = {v:.3g}")
     if args.out and is_primary():
         write_report(args.out, {"prior": args.prior, "dataset": args.dataset,
                                 "shots": args.shots, "seed": args.seed, "results": results})
@@ -151,6 +154,8 @@ def add_parsers(sub) -> None:
                    help="λ, 'auto' (validation grid), or learned with the weights in one run "
                         "on the training set: 'evidence' (the Laplace evidence) or 'de-elbo' "
                         "(the data-emphasized ELBO)")
+    p.add_argument("--per-block", action="store_true",
+                   help="with --scale de-elbo: learn one prior scale per backbone block")
     p.add_argument("--epochs", type=float, default=40)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--optimizer", default="adam", choices=["sgd", "adam", "adamw"])

@@ -33,20 +33,30 @@ RESULTS.md found to learn too strong a prior at a few examples per class, this n
 no curvature pass, but one weight sample per step and a second learning rate, that of
 log σ. ε, the prior's floor, is left out of Σ₀ (λ·Σ₀ is the covariance whose scale is
 learned).
+
+``ElboConfig(per_block=True)`` gives each backbone block b (``params.backbone_blocks``)
+its own scale λ·ρ_b: the covariance is λ·R^½Σ₀R^½, R = diag(ρ_b on block b). With
+t_b = Σ_{i∈b} (Σ₀⁻¹)ᵢᵢ and u = R^−½(m − θ̄), the KL is
+½·[(σ²Σ_b t_b/ρ_b + uᵀΣ₀⁻¹u)/λ − d + d·log λ + Σ_b d_b·log ρ_b + log|Σ₀| − d·log σ²]:
+λ* is still closed-form, and log ρ is learned by gradient with log σ (the KL is
+invariant to a common factor of the ρ_b, which λ* absorbs). For a block-diagonal Σ₀
+(diagonal, isotropic) the optimum is λ*ρ_b = (σ²t_b + r_b)/d_b, block by block.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bayes_transfer.data import num_batches
 from bayes_transfer.errors import BayesTransferError
-from bayes_transfer.params import map_with_paths
+from bayes_transfer.params import backbone_blocks, map_with_paths
 from bayes_transfer.prior import Prior
 from bayes_transfer.training import TrainResult, fit
 from bayes_transfer.training.objectives import head_sq_norm
@@ -61,7 +71,9 @@ class ElboConfig:
     kappa: float | None = None    # weight of the log-likelihood; None: d/n (data-emphasized),
                                   # 1.0: the ELBO itself
     init_std: float = 1e-3        # σ of q at the start (the weights' noise scale)
-    std_learning_rate: float = 0.05   # Adam's step on log σ: at most this many nats a step
+    std_learning_rate: float = 0.05   # Adam's step on log σ (and log ρ): at most this
+                                      # many nats a step
+    per_block: bool = False       # a scale per backbone block (λ·ρ_b), not one λ
 
 
 def inverse_trace(prior: Prior) -> jax.Array:
@@ -74,6 +86,15 @@ def profile_kl(quad, trace, std, dim: int):
     var = jnp.square(std)
     lam = (var * trace + quad) / dim
     return 0.5 * dim * (jnp.log(lam) - jnp.log(var)), lam
+
+
+def block_profile_kl(quad_u, block_traces, block_sizes, log_rel, std, dim: int):
+    """(min over λ of KL(N(m, σ²I) ‖ N(θ̄, λ·R^½Σ₀R^½)) less ½·log|Σ₀|, λ*), R = diag(ρ_b
+    = exp(log_rel) on block b); ``quad_u`` = uᵀΣ₀⁻¹u with u = R^−½(m − θ̄)."""
+    var = jnp.square(std)
+    lam = (var * jnp.sum(block_traces * jnp.exp(-log_rel)) + quad_u) / dim
+    kl = 0.5 * (dim * jnp.log(lam) + jnp.sum(block_sizes * log_rel) - dim * jnp.log(var))
+    return kl, lam
 
 
 def softmax_nll(logits, batch) -> jax.Array:
@@ -104,7 +125,14 @@ def elbo_loss(num_train: int, kappa: float, *, head_decay: float = 0.0,
         weights = map_with_paths(perturb, mean)
         logits, new_rest = apply(weights, rest, batch["image"], train=True)
         nll = nll_fn(logits, batch)
-        kl, lam = profile_kl(prior.quadratic(mean), trace, std, prior.dim)
+        if "log_rel" in params:       # per block: trace = (t_b, d_b, block of each weight)
+            block_traces, block_sizes, ids = trace
+            diff = prior.spec.ravel(mean) - prior.mean
+            u = diff * jnp.exp(-0.5 * params["log_rel"])[ids]
+            kl, lam = block_profile_kl(prior.quadratic(prior.mean + u), block_traces,
+                                       block_sizes, params["log_rel"], std, prior.dim)
+        else:
+            kl, lam = profile_kl(prior.quadratic(mean), trace, std, prior.dim)
         penalty = kl / (kappa * num_train)
         loss = nll + penalty + 0.5 * head_decay * head_sq_norm(mean)
         return loss, (new_rest, {"nll": nll, "prior": penalty, "scale": lam, "std": std})
@@ -132,27 +160,60 @@ def fit_with_elbo(model, dataset, train, prior: Prior, *, config: ElboConfig = E
     # range spans decades.
     std_train = dataclasses.replace(train, learning_rate=config.std_learning_rate,
                                     optimizer="adam", weight_decay=0.0)
-    optimizer = _partition(make_optimizer(train, total), make_optimizer(std_train, total))
     start = {"mean": params, "log_std": jnp.log(jnp.asarray(config.init_std, jnp.float32))}
-    base, trace_inv = prior.rescale(1.0, floor=0.0), inverse_trace(prior)
+    base = prior.rescale(1.0, floor=0.0)
+    if config.per_block:
+        names, ids = _blocks(params, prior)
+        block_traces = jax.ops.segment_sum(base.inverse_diagonal(), ids, len(names))
+        block_sizes = jnp.asarray(np.bincount(np.asarray(ids), minlength=len(names)),
+                                  block_traces.dtype)
+        traces = (block_traces, block_sizes, ids)
+        start["log_rel"] = jnp.zeros(len(names), jnp.float32)
+    else:
+        traces = base.inverse_trace()
+    optimizer = _partition(make_optimizer(train, total), make_optimizer(std_train, total),
+                           tuple(start))
     loss = elbo_loss(n, kappa, head_decay=head_decay, nll_fn=nll_fn)
-    result = fit(model, dataset, loss, train, aux=(base, trace_inv), params=start,
+    result = fit(model, dataset, loss, train, aux=(base, traces), params=start,
                  optimizer=optimizer)
     v0 = float(jnp.mean(prior.base_variance()))     # v = λ·mean diag Σ₀, as the grids
     trace = [{"step": h["step"], "scale": h["scale"], "variance": h["scale"] * v0,
               "std": h["std"], "nll": h["nll"]} for h in result.history]
-    mean, std = result.state.params["mean"], jnp.exp(result.state.params["log_std"])
-    _, scale = profile_kl(base.quadratic(mean), trace_inv, std, dim)   # λ* at the end
+    final = result.state.params                     # λ* at the end, from the final m, σ, ρ
+    mean, std = final["mean"], jnp.exp(final["log_std"])
+    if config.per_block:
+        u = (base.spec.ravel(mean) - base.mean) * jnp.exp(-0.5 * final["log_rel"])[ids]
+        _, scale = block_profile_kl(base.quadratic(base.mean + u), block_traces, block_sizes,
+                                    final["log_rel"], std, dim)
+        rel = np.exp(np.asarray(final["log_rel"], np.float64))
+        end = {"block_scales": dict(zip(names, (float(scale) * rel).tolist())),
+               "block_variances": dict(zip(names, (float(scale) * rel * v0).tolist()))}
+    else:
+        _, scale = profile_kl(base.quadratic(mean), traces, std, dim)
+        end = {}
     trace.append({"step": total, "scale": float(scale), "variance": float(scale) * v0,
-                  "std": float(std), "kappa": kappa})
+                  "std": float(std), "kappa": kappa, **end})
     mean_only = TrainResult(result.graphdef,
                             result.state._replace(params=mean, opt_state=None),
                             result.history)
     return mean_only, float(scale), trace
 
 
+def _blocks(params, prior: Prior):
+    """(block names, the block of each covered weight as a (d,) int32 array)."""
+    blocks = [(name, set(paths)) for name, paths in backbone_blocks(params, prior.spec.rule)]
+    names, of_leaf = [], []
+    for path, shape in zip(prior.spec.paths, prior.spec.shapes):
+        name = next((b for b, paths in blocks if path in paths), "other")
+        if name not in names:
+            names.append(name)
+        of_leaf.append((names.index(name), math.prod(shape)))
+    ids = np.concatenate([np.full(size, i, np.int32) for i, size in of_leaf])
+    return names, jnp.asarray(ids)
+
+
 @functools.lru_cache(maxsize=32)
-def _partition(mean_tx, std_tx):
+def _partition(mean_tx, hyper_tx, keys: tuple):
     # cached: the same optimizers give the same object, so fit's compiled step is reused
-    return optax.partition({"mean": mean_tx, "log_std": std_tx},
-                           {"mean": "mean", "log_std": "log_std"})
+    return optax.partition({"mean": mean_tx, "hyper": hyper_tx},
+                           {k: "mean" if k == "mean" else "hyper" for k in keys})

@@ -45,8 +45,8 @@ from bayes_transfer.errors import PriorError
 from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior.sharding import SHARD_MIN_DIM, shard_prior
 from bayes_transfer.prior.woodbury import (all_finite, all_positive, capacitance_cholesky,
-                                           capacitance_cholesky_host, on_host, weighted_gram,
-                                           woodbury_quad)
+                                           capacitance_cholesky_host, inverse_diagonal_lowrank,
+                                           on_host, weighted_gram, woodbury_quad)
 
 KINDS = ("lowrank", "diag", "isotropic", "flat")
 
@@ -343,6 +343,18 @@ class Prior:
         gram = self._factor_coef(dtype) * weighted_gram(self.deviations, 1.0 / delta ** 2)
         chol = self.chol.astype(dtype)
         return trace - jnp.trace(jax.scipy.linalg.cho_solve((chol, True), gram))
+
+    def inverse_diagonal(self) -> jax.Array:
+        """diag Σ⁻¹, a (d,) vector, never forming Σ: 1/δ − c·‖L⁻¹D̂ᵢ‖²/δᵢ² per coordinate
+        (Woodbury; L the cached capacitance factor), in blocks of D̂'s columns."""
+        if self.kind == "flat":
+            raise PriorError("a flat prior has no covariance")
+        dtype = self._compute_dtype()
+        delta = jnp.broadcast_to(self.diag_part(dtype), (self.dim,))
+        if self.deviations is None:
+            return 1.0 / delta
+        return inverse_diagonal_lowrank(self.deviations, delta, self.chol.astype(dtype),
+                                        self._factor_coef(dtype))
 
     def grad_log_prob(self, params):
         """∇θ log p(θ), with the structure of ``params``."""

@@ -69,6 +69,32 @@ def weighted_gram(dev, weights):
 
 
 @jax.jit
+def inverse_diagonal_lowrank(dev, delta, chol, coef):
+    """diag of (diag(δ) + coef·D̂ᵀD̂)⁻¹ = 1/δ − coef·‖L⁻¹D̂ᵢ‖²/δᵢ² (L Lᵀ = I + coef·D̂δ⁻¹D̂ᵀ),
+    block by block of D̂'s columns: temporaries (K, block), never (K, d)."""
+    rank, d = dev.shape
+    block = min(d, _GRAM_BLOCK)
+
+    def part(cols, dl):
+        z = jax.scipy.linalg.solve_triangular(chol, cols.astype(delta.dtype), lower=True)
+        return 1.0 / dl - coef * jnp.sum(z * z, 0) / dl ** 2
+
+    n_full = d // block
+
+    def body(i, out):
+        start = i * block
+        return jax.lax.dynamic_update_slice_in_dim(
+            out, part(jax.lax.dynamic_slice_in_dim(dev, start, block, axis=1),
+                      jax.lax.dynamic_slice_in_dim(delta, start, block)), start, 0)
+
+    out = jax.lax.fori_loop(0, n_full, body, jnp.zeros((d,), delta.dtype))
+    if n_full * block < d:
+        out = out.at[n_full * block:].set(part(dev[:, n_full * block:],
+                                               delta[n_full * block:]))
+    return out
+
+
+@jax.jit
 def all_finite(x):
     # max|x| is NaN or Inf iff some entry is: one fused reduction, where
     # jnp.all(jnp.isfinite(x)) materialises a (K, d) boolean temporary on CPU.

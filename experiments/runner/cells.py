@@ -54,8 +54,10 @@ def tuned_map(prior, splits, method: str, tuning: dict, seed: int, caches: dict,
     options = dict(variant or {})
     method = options.pop("method", method)
     scale = options.pop("scale", "auto")
+    if "elbo" in options:            # the DE-ELBO's settings, over the config's
+        options["elbo"] = ElboConfig(**{**tuning["elbo"], **options["elbo"]})
     # The no-prior runs are shared only between methods that start alike.
-    cache_key = tuple(sorted(options.items()))
+    cache_key = tuple(sorted((k, repr(v)) for k, v in options.items()))
     rates = tuple(tuning["learning_rates"])
     model = bt.models.from_prior(prior, splits.train.num_classes, seed=seed)
     config = dataclasses.replace(finetune_config(tuning, rates[0], seed),

@@ -24,7 +24,8 @@ of SGLD / downstream-SWAG samples under prior M, started from M's MAP solution w
 or ``"scale": "evidence"``: one run at the first learning rate, λ learned by the Laplace
 evidence (``bayes_transfer.inference.evidence``; its settings in ``tuning["evidence"]``),
 or ``"scale": "de-elbo"``: the same by the data-emphasized ELBO
-(``bayes_transfer.inference.elbo``; settings in ``tuning["elbo"]``).
+(``bayes_transfer.inference.elbo``; settings in ``tuning["elbo"]``, which a variant's
+``"elbo"`` overrides, e.g. ``{"per_block": true}``).
 The tuning budget is the same for every method: each learning rate × each effective
 prior variance (plus the no-prior limit), or for standard fine-tuning, which has no λ,
 each learning rate × each of ``"weight_decays"`` (decoupled; give as many as the λ grid
@@ -47,7 +48,7 @@ from bayes_transfer.inference import ElboConfig, EvidenceConfig
 
 SAMPLERS = ("sgld", "swag")
 #: FinetuneConfig fields a variant may set (non-binary transfer).
-VARIANT_KEYS = ("reinit_top", "layer_lr", "layer_lr_decay", "l2", "scale")
+VARIANT_KEYS = ("reinit_top", "layer_lr", "layer_lr_decay", "l2", "scale", "elbo")
 DEFAULT_TUNING = {"learning_rates": [1e-2], "variances": [1.0, 10.0, 100.0], "steps": 125,
                   "batch_size": 32, "select_by": "nll", "head_decay": 1e-4,
                   "weight_decays": None, "extend": 0, "validation": "extra", "evidence": {},
@@ -93,6 +94,10 @@ def check_config(config: dict, where: str = "config") -> dict:
         if unknown:
             raise BayesTransferError(f"{where}: variant {name!r} has unknown keys "
                                      f"{sorted(unknown)}; use {', '.join(VARIANT_KEYS)}")
+        try:
+            ElboConfig(**variant.get("elbo", {}))
+        except TypeError as e:
+            raise BayesTransferError(f"{where}: variant {name!r}: 'elbo': {e}") from None
         if variant.get("scale", "evidence") not in ONE_RUN_SCALES:
             raise BayesTransferError(f"{where}: variant {name!r}: 'scale' can only be one of "
                                      f"{ONE_RUN_SCALES} (λ learned in one run)")
