@@ -192,7 +192,8 @@ def figures(summary: dict, config: dict, out: Path) -> None:
         reliability_diagram(curves, out / "reliability.png")
 
 
-LINE_STYLES = {"evidence": "--", "de-elbo": ":"}   # by a variant's "scale"
+#: By a variant's ("scale", per-block DE-ELBO); any other variant dash-dot-dotted.
+LINE_STYLES = {("evidence", False): "--", ("de-elbo", False): ":", ("de-elbo", True): "-."}
 
 
 def fewshot_figure(summary: dict, config: dict, path: Path) -> None:
@@ -204,14 +205,16 @@ def fewshot_figure(summary: dict, config: dict, path: Path) -> None:
     xs = {s: (s if s != "all" else (max(numeric) * 4 if numeric else 1)) for s in shots}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     # One colour per prior (a variant takes its base method's), one line style per way
-    # of choosing λ: the validation grid solid, the evidence dashed, the DE-ELBO dotted.
+    # of choosing λ: the validation grid solid, the evidence dashed, the DE-ELBO dotted
+    # (per block: dash-dotted).
     variants = config.get("variants", {})
     base = {m: variants.get(m, {}).get("method", m) for ms in summary.values() for m in ms}
     colours = {b: f"C{i % 10}" for i, b in enumerate(dict.fromkeys(base.values()))}
     for label, methods in summary.items():
         for method, by in methods.items():
-            style = ("-" if method not in variants else
-                     LINE_STYLES.get(variants[method].get("scale"), "-."))
+            style = "-" if method not in variants else LINE_STYLES.get(
+                (variants[method].get("scale"),
+                 variants[method].get("elbo", {}).get("per_block", False)), (0, (5, 1, 1, 1)))
             pts = [(xs[s], by[str(s)]) for s in shots if str(s) in by]
             for ax, metric in zip(axes, ("error", "nll")):
                 x = [p[0] for p in pts]
