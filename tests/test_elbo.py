@@ -1,7 +1,7 @@
 """λ by the data-emphasized ELBO: its pieces against NumPyro and dense references, its
 one training run against the closed-form optimum of Bayesian linear regression.
 
-* ``inverse_trace`` (tr Σ₀⁻¹ by Woodbury) against the dense inverse, every kind;
+* ``Prior.inverse_trace`` and ``Prior.inverse_diagonal`` (Woodbury) against the dense inverse;
 * ``profile_kl`` against NumPyro's multivariate-normal KL minimised over λ numerically;
 * the real loop (``fit_with_elbo``: one weight sample per step, Adam) on a linear model
   with a Gaussian likelihood, where the optimum of κ·E_q[log p(y|θ)] − KL(q‖p_λ) over
@@ -24,8 +24,7 @@ from scipy import optimize
 from bayes_transfer import BayesTransferError, data, models
 from bayes_transfer.data import ArrayDataset
 from bayes_transfer.inference import ElboConfig
-from bayes_transfer.inference.elbo import (block_profile_kl, fit_with_elbo, inverse_trace,
-                                           profile_kl)
+from bayes_transfer.inference.elbo import block_profile_kl, fit_with_elbo, profile_kl
 from bayes_transfer.params import backbone_blocks
 from bayes_transfer.inference.map import FinetuneConfig, finetune
 from bayes_transfer.params import ParamSpec
@@ -60,8 +59,8 @@ def test_inverse_trace_is_the_trace_of_the_dense_inverse(x64, kind):
                                np.diag(np.linalg.inv(dense)), rtol=1e-10)
     # the DE-ELBO's t leaves the floor out: λ·Σ₀ is the covariance whose scale is learned
     dense = np.asarray(prior.rescale(1.0, floor=0.0).covariance())
-    np.testing.assert_allclose(float(inverse_trace(prior)), np.trace(np.linalg.inv(dense)),
-                               rtol=1e-10)
+    np.testing.assert_allclose(float(prior.rescale(1.0, floor=0.0).inverse_trace()),
+                               np.trace(np.linalg.inv(dense)), rtol=1e-10)
 
 
 def test_the_blocked_weighted_gram_is_the_dense_product():
@@ -90,7 +89,7 @@ def test_profile_kl_is_numpyros_kl_minimised_over_lambda(x64, kind):
         return float(dist.kl_divergence(q, p))
 
     best = optimize.minimize_scalar(kl, bracket=(-3.0, 3.0), tol=1e-12)
-    value, lam = profile_kl(prior.quadratic(jnp.asarray(m)), inverse_trace(prior), std, d)
+    value, lam = profile_kl(prior.quadratic(jnp.asarray(m)), prior.inverse_trace(), std, d)
     np.testing.assert_allclose(float(lam), math.exp(best.x), rtol=1e-5)
     # profile_kl leaves out the constant ½·log|Σ₀|
     np.testing.assert_allclose(float(value) + 0.5 * np.linalg.slogdet(sigma0)[1], best.fun,

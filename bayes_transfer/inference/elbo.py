@@ -76,11 +76,6 @@ class ElboConfig:
     per_block: bool = False       # a scale per backbone block (λ·ρ_b), not one λ
 
 
-def inverse_trace(prior: Prior) -> jax.Array:
-    """t = tr Σ₀⁻¹: the prior's covariance at λ = 1 without its floor."""
-    return prior.rescale(1.0, floor=0.0).inverse_trace()
-
-
 def profile_kl(quad, trace, std, dim: int):
     """(min over λ of KL(N(m, σ²I) ‖ N(θ̄, λΣ₀)) less its constant ½·log|Σ₀|, λ*)."""
     var = jnp.square(std)
@@ -105,10 +100,12 @@ def softmax_nll(logits, batch) -> jax.Array:
 @functools.lru_cache(maxsize=32)
 def elbo_loss(num_train: int, kappa: float, *, head_decay: float = 0.0,
               nll_fn: Callable = softmax_nll):
-    """The loss of ``fit`` for the DE-ELBO: params are ``{"mean": θ, "log_std": log σ}``,
-    ``aux`` is ``(prior at λ = 1, tr Σ₀⁻¹)``; ``nll_fn(outputs, batch)`` is the mean
-    negative log-likelihood of a batch. Metrics: ``nll`` at the sampled weights,
-    ``prior`` (the KL at λ* per κ·n), ``scale`` (λ*) and ``std`` (σ)."""
+    """The loss of ``fit`` for the DE-ELBO: params are ``{"mean": θ, "log_std": log σ}``
+    and ``aux`` is ``(Σ₀'s prior: λ = 1, no floor, tr Σ₀⁻¹)``; per block, params add
+    ``"log_rel": log ρ`` and aux is ``(prior, (t_b, d_b, the block of each weight))``.
+    ``nll_fn(outputs, batch)`` is the mean negative log-likelihood of a batch. Metrics:
+    ``nll`` at the sampled weights, ``prior`` (the KL at λ* per κ·n), ``scale`` (λ*) and
+    ``std`` (σ)."""
 
     def loss_fn(apply, params, rest, batch, key, aux):
         prior, trace = aux
