@@ -31,6 +31,7 @@ from bayes_transfer.params import ParamSpec
 from bayes_transfer.prior import Prior
 from bayes_transfer.training import TrainConfig, predict, split_model
 from linear_regression import NOISE, LinearModel, as_images, gaussian_nll, regression
+from small_priors import random_lowrank_prior
 
 
 @pytest.fixture
@@ -183,15 +184,7 @@ def test_one_run_ends_at_the_closed_form_optimum_of_linear_regression(kappa):
 # --------------------------------------------------------------------------- networks
 @pytest.fixture(scope="module")
 def digits():
-    splits = data.load("digits", shots_per_class=5, seed=0)
-    model = models.create("small_cnn", 10, seed=1, width=0.5)
-    _, params, _ = split_model(model)
-    spec = ParamSpec.from_params(params)
-    rng = np.random.default_rng(0)
-    prior = Prior.lowrank(spec, spec.ravel(params),
-                          jnp.asarray(rng.uniform(1e-4, 1e-3, spec.size), jnp.float32),
-                          jnp.asarray(rng.normal(0, 1e-2, (4, spec.size)), jnp.float32))
-    return splits, prior
+    return data.load("digits", shots_per_class=5, seed=0), random_lowrank_prior()
 
 
 def _config(kappa=None, steps=60, **changes):

@@ -31,6 +31,7 @@ from bayes_transfer.prior.evidence import log_evidence, maximise_log_evidence
 from bayes_transfer.training import TrainConfig, split_model
 from bayes_transfer.training.objectives import prior_penalty
 from linear_regression import NOISE, LinearModel, as_images, gaussian_nll, regression
+from small_priors import random_lowrank_prior
 
 
 @pytest.fixture
@@ -247,13 +248,7 @@ def test_auto_curvature_is_the_exact_factor_then_sampled_labels_then_the_diagona
 
 
 def test_finetune_learns_the_scale_in_one_run_on_digits(splits):
-    model = models.create("small_cnn", 10, seed=1, width=0.5)
-    _, params, _ = split_model(model)
-    spec = ParamSpec.from_params(params)
-    rng = np.random.default_rng(0)
-    prior = Prior.lowrank(spec, spec.ravel(params),
-                          jnp.asarray(rng.uniform(1e-4, 1e-3, spec.size), jnp.float32),
-                          jnp.asarray(rng.normal(0, 1e-2, (4, spec.size)), jnp.float32))
+    prior = random_lowrank_prior()
     config = FinetuneConfig(train=TrainConfig(steps=12, batch_size=16, optimizer="adam",
                                               learning_rate=1e-3, progress=False),
                             evidence=EvidenceConfig(updates=3))
