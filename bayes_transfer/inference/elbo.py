@@ -122,14 +122,7 @@ def elbo_loss(num_train: int, kappa: float, *, head_decay: float = 0.0,
         weights = map_with_paths(perturb, mean)
         logits, new_rest = apply(weights, rest, batch["image"], train=True)
         nll = nll_fn(logits, batch)
-        if "log_rel" in params:       # per block: trace = (t_b, d_b, block of each weight)
-            block_traces, block_sizes, ids = trace
-            diff = prior.spec.ravel(mean) - prior.mean
-            u = diff * jnp.exp(-0.5 * params["log_rel"])[ids]
-            kl, lam = block_profile_kl(prior.quadratic(prior.mean + u), block_traces,
-                                       block_sizes, params["log_rel"], std, prior.dim)
-        else:
-            kl, lam = profile_kl(prior.quadratic(mean), trace, std, prior.dim)
+        kl, lam = _profiled_kl(prior, trace, params)
         penalty = kl / (kappa * num_train)
         loss = nll + penalty + 0.5 * head_decay * head_sq_norm(mean)
         return loss, (new_rest, {"nll": nll, "prior": penalty, "scale": lam, "std": std})
@@ -178,15 +171,12 @@ def fit_with_elbo(model, dataset, train, prior: Prior, *, config: ElboConfig = E
               "std": h["std"], "nll": h["nll"]} for h in result.history]
     final = result.state.params                     # λ* at the end, from the final m, σ, ρ
     mean, std = final["mean"], jnp.exp(final["log_std"])
+    _, scale = _profiled_kl(base, traces, final)
     if config.per_block:
-        u = (base.spec.ravel(mean) - base.mean) * jnp.exp(-0.5 * final["log_rel"])[ids]
-        _, scale = block_profile_kl(base.quadratic(base.mean + u), block_traces, block_sizes,
-                                    final["log_rel"], std, dim)
         rel = np.exp(np.asarray(final["log_rel"], np.float64))
         end = {"block_scales": dict(zip(names, (float(scale) * rel).tolist())),
                "block_variances": dict(zip(names, (float(scale) * rel * v0).tolist()))}
     else:
-        _, scale = profile_kl(base.quadratic(mean), traces, std, dim)
         end = {}
     trace.append({"step": total, "scale": float(scale), "variance": float(scale) * v0,
                   "std": float(std), "kappa": kappa, **end})
@@ -194,6 +184,18 @@ def fit_with_elbo(model, dataset, train, prior: Prior, *, config: ElboConfig = E
                             result.state._replace(params=mean, opt_state=None),
                             result.history)
     return mean_only, float(scale), trace
+
+
+def _profiled_kl(prior: Prior, traces, params):
+    """(KL at λ*, λ*) of q = N(params["mean"], σ²I): one scale (``traces`` = tr Σ₀⁻¹) or,
+    with ``params["log_rel"]``, one per block (``traces`` = (t_b, d_b, block ids))."""
+    mean, std = params["mean"], jnp.exp(params["log_std"])
+    if "log_rel" not in params:
+        return profile_kl(prior.quadratic(mean), traces, std, prior.dim)
+    block_traces, block_sizes, ids = traces
+    u = (prior.spec.ravel(mean) - prior.mean) * jnp.exp(-0.5 * params["log_rel"])[ids]
+    return block_profile_kl(prior.quadratic(prior.mean + u), block_traces, block_sizes,
+                            params["log_rel"], std, prior.dim)
 
 
 def _blocks(params, prior: Prior):
