@@ -11,13 +11,12 @@ from bayes_transfer.cli.common import add_data_args, classes, is_primary, write_
 from bayes_transfer.cli.datasets import input_of, load_splits, positive_int
 from bayes_transfer.hub import load_prior
 from bayes_transfer.inference.elbo import ElboConfig
-from bayes_transfer.inference.map import FinetuneConfig, finetune
+from bayes_transfer.inference.map import CHOSEN_SCALES, FinetuneConfig, finetune
 from bayes_transfer.inference.posterior import PosteriorConfig, sample_posterior
 from bayes_transfer.prior import METHODS
 from bayes_transfer.training import TrainConfig
 
 SAMPLERS = ("sgld", "swag")
-LEARNED_SCALES = ("auto", "evidence", "de-elbo")
 
 
 def _number(scale: str) -> float:
@@ -25,7 +24,7 @@ def _number(scale: str) -> float:
         return float(scale)
     except ValueError:
         raise BayesTransferError(f"--scale {scale!r}: give a number (λ) or one of "
-                                 f"{', '.join(LEARNED_SCALES)}") from None
+                                 f"{', '.join(CHOSEN_SCALES)}") from None
 
 
 def _line(name: str, metrics: dict, keys=("error", "nll", "ece", "brier")) -> str:
@@ -63,7 +62,7 @@ def cmd_finetune(args) -> None:
         weight_decays=args.weight_decays, max_extensions=args.extend_grid,
         refit=bool(args.val_from_shots), elbo=ElboConfig(per_block=args.per_block))
     results, cache = [], {}
-    scale = args.scale if args.scale in LEARNED_SCALES else _number(args.scale)
+    scale = args.scale if args.scale in CHOSEN_SCALES else _number(args.scale)
     for method in methods:
         model = models.from_prior(prior, splits.train.num_classes, seed=args.seed)
         if method in SAMPLERS:

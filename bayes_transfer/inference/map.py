@@ -36,6 +36,10 @@ from bayes_transfer.prior import METHODS, Prior, restrict_prior
 from bayes_transfer.training import TrainConfig, TrainResult, fit, map_loss, predict, split_model
 from bayes_transfer.training.optim import layer_lr_factors, make_optimizer, with_lr_factors
 
+#: The ways ``finetune(scale=...)`` chooses λ besides a number: the validation grid, or
+#: learned in one run (the Laplace evidence, the data-emphasized ELBO).
+CHOSEN_SCALES = ("auto", "evidence", "de-elbo")
+
 #: Effective prior variances tried for every method (besides the no-prior limit).
 #: With d ≈ 1e5 covered weights and N ≈ 100 examples the prior term dominates the
 #: likelihood unless v is large, so the grid reaches v = 100.
@@ -207,7 +211,7 @@ def finetune(
     params = prior.init_params(params)
     params, method_prior = _reinit_top(model, params, method_prior, config.reinit_top)
     evaluate = evaluate_classification if evaluate is None else evaluate
-    if isinstance(scale, str) and scale not in ("auto", "evidence", "de-elbo"):
+    if isinstance(scale, str) and scale not in CHOSEN_SCALES:
         raise BayesTransferError(f"scale must be a number, 'auto', 'evidence' or 'de-elbo', "
                                  f"got {scale!r}")
     if scale in ("evidence", "de-elbo"):

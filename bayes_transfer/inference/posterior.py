@@ -19,7 +19,7 @@ from bayes_transfer.errors import BayesTransferError
 from bayes_transfer.evaluation.metrics import evaluate_probs
 from bayes_transfer.inference import calibration
 from bayes_transfer.inference.bma import bma_predict
-from bayes_transfer.inference.map import FinetuneConfig, finetune
+from bayes_transfer.inference.map import CHOSEN_SCALES, FinetuneConfig, finetune
 from bayes_transfer.inference.samples import PosteriorSamples
 from bayes_transfer.inference.sgld import SGLDConfig, run_sgld
 from bayes_transfer.inference.swag_downstream import SwagDownstreamConfig, swag_posterior
@@ -110,7 +110,7 @@ def sample_posterior(model, splits, prior, method: str = "sgld", samples: int = 
 
     graphdef, params, rest = split_model(model)
     map_metrics = None
-    if config.start == "map" or config.scale in ("auto", "evidence", "de-elbo"):
+    if config.start == "map" or config.scale in CHOSEN_SCALES:
         if map_result is None:
             map_result = finetune(model, splits, prior, config.prior_method,
                                   scale=config.scale, config=config.map)
